@@ -1,0 +1,37 @@
+# Set-up and everyday commands. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The CPU wheel (fast here). GPU users: TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: help install train test test-all clean-venv
+
+help:
+	@echo "make install   fresh $(VENV) with $(TORCH_SPEC) and mode (editable, with dev extras)"
+	@echo "make train     the main job: LoRA on SmolLM2-135M-Instruct, SNI case-study tasks (ARGS='...' adds overrides)"
+	@echo "make test      the default test suite (slow tests excluded)"
+	@echo "make test-all  every test, slow ones included"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/mode-train $(ARGS)
+
+# pytest exits 5 when it collects no tests: that is a failure, said plainly.
+test: $(STAMP)
+	@$(BIN)/python -m pytest $(ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "" $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,66 @@
+"""The adapter hyper-parameters shared by every method (the `adapter.*` config keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from mode.errors import ModeError
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "lora"
+    rank: int = 8                      # r (for MoRE: the maximum rank R)
+    experts: int = 1                   # m
+    block_rank: int = 1                # p, MoDE only: rank slots per router; must divide r
+    alpha: float = 16.0                # scale s = alpha / rank
+    dropout: float = 0.0               # on the adapter branch's input only
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    init_A: str = "kaiming_uniform"    # kaiming_uniform (PEFT's LoRA default) | normal (N(0, init_std))
+    init_std: float = 0.02
+    router_init_std: float = 0.02      # routers ~ N(0, router_init_std) (MoLoRA reference code)
+    extra: dict = field(default_factory=dict)  # method-specific options (see conf/adapter/<method>.yaml)
+
+    @classmethod
+    def from_mapping(cls, cfg) -> "AdapterConfig":
+        """Accept a dict, DictConfig or AdapterConfig; unknown keys go to `extra` for the method to check."""
+        if isinstance(cfg, AdapterConfig):
+            return cfg
+        if hasattr(cfg, "items") and not isinstance(cfg, dict):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in cfg.items() if k in known}
+        extra = {**cfg.get("extra", {}), **{k: v for k, v in cfg.items() if k not in known and k != "extra"}}
+        if "target_modules" in kwargs:
+            kwargs["target_modules"] = list(kwargs["target_modules"])
+        out = cls(**kwargs, extra=extra)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        from mode.adapters.registry import METHODS
+
+        if self.method not in METHODS:
+            raise ModeError(f"adapter.method={self.method!r} is not one of {sorted(METHODS)}")
+        for key in ("rank", "experts", "block_rank"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ModeError(f"adapter.{key}={value!r} must be an integer >= 1")
+        if self.rank % self.block_rank:
+            raise ModeError(f"adapter.block_rank={self.block_rank} must divide adapter.rank={self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModeError(f"adapter.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.target_modules:
+            raise ModeError("adapter.target_modules is empty")
+        if self.init_A not in ("kaiming_uniform", "normal"):
+            raise ModeError(f"adapter.init_A={self.init_A!r} is not one of ['kaiming_uniform', 'normal']")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

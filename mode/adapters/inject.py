@@ -1,0 +1,74 @@
+"""Put adapter layers into a base model, and find them again."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from mode.adapters.base import AdapterLayer
+from mode.adapters.config import AdapterConfig
+from mode.adapters.registry import METHODS
+from mode.errors import ModeError
+
+
+def _matches(name: str, suffixes: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def apply_adapters(model: nn.Module, config) -> nn.Module:
+    """Wrap every nn.Linear whose module name ends with a target suffix; freeze every base parameter."""
+    cfg = AdapterConfig.from_mapping(config)
+    layer_cls = METHODS[cfg.method]
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ModeError("the model already has adapters; load a fresh base model")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _matches(name, cfg.target_modules)
+    ]
+    if not targets:
+        raise ModeError(
+            f"adapter.target_modules={cfg.target_modules} matches no nn.Linear in {type(model).__name__}"
+        )
+    unmatched = [s for s in cfg.target_modules if not any(_matches(n, [s]) for n, _ in targets)]
+    if unmatched:
+        raise ModeError(f"adapter.target_modules entries {unmatched} match no nn.Linear in {type(model).__name__}")
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer_cls(linear, cfg))
+    model.adapter_config = cfg
+    return model
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(module path, layer) for every adapter layer, with any DDP/FSDP/compile wrapper prefix removed."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield _strip_wrappers(name), module
+
+
+def _strip_wrappers(name: str) -> str:
+    for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def count_adapter_parameters(model: nn.Module) -> int:
+    """Trainable adapter parameters (base weights excluded)."""
+    return sum(
+        p.numel() for _, layer in adapter_layers(model)
+        for n, p in layer.named_parameters() if not n.startswith("base_layer.") and p.requires_grad
+    )
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()

@@ -1,0 +1,26 @@
+"""LoRA (Hu et al. 2021): y = W0 x + s * B A x."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from mode.adapters.base import AdapterLayer
+from mode.adapters.registry import register
+
+
+@register
+class LoRALinear(AdapterLayer):
+    method = "lora"
+
+    def __init__(self, base, cfg):
+        super().__init__(base, cfg)
+        self.lora_A = self.new_parameter(cfg.rank, self.in_features)                # [r, P]
+        self.lora_B = self.new_parameter(self.out_features, cfg.rank, zeros=True)   # [Q, r]
+        self.init_down_projection(self.lora_A, cfg)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_B @ self.lora_A

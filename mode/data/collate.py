@@ -1,0 +1,36 @@
+"""Padding encoded examples into batches."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def collate_train(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded causal-LM batch; labels are -100 on prompt and padding, so the loss covers answers only.
+
+    Masks come from lengths, never from the pad id (SmolLM2's pad token is its end-of-sequence token).
+    """
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids = torch.tensor(e["input_ids"], dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, e["prompt_length"] : len(ids)] = ids[e["prompt_length"] :]
+    task_ids = torch.tensor([e["task_index"] for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for batched generation with a KV cache."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention_mask[row, width - len(p) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

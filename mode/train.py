@@ -1,0 +1,251 @@
+"""Multi-task adapter training on SNI, then evaluation: `python -m mode.train [overrides]` (`mode-train`).
+
+The loop is plain PyTorch on top of accelerate, which supplies device placement, mixed precision and
+DDP/FSDP under `torchrun` / `accelerate launch` without code changes. We keep our own loop rather than
+HF Trainer because three things are simpler to get exactly right here: adapter-only checkpoints,
+bit-exact resume from (seed, step), and token-level loss normalisation over the *global* batch (so one
+process and N processes with the same global batch take the same step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from mode import config as mode_config
+from mode.adapters import apply_adapters, count_adapter_parameters, save_adapters
+from mode.data.collate import IGNORE_INDEX, collate_train
+from mode.data.dataset import build_data
+from mode.data.sampling import MixtureSampler
+from mode.errors import ModeError, exit_on_user_error
+from mode.eval import evaluate, write_results
+from mode.loggers import make_logger
+from mode.models import load_model_and_tokenizer
+from mode.fileio import atomic_write_text
+from mode.run_dir import check_run_dir_is_new
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class AnswerLoss(nn.Module):
+    """The causal LM plus a summed cross-entropy over answer tokens.
+
+    The output head runs only at answer positions: prompts are long and answers short, so this skips
+    most of the [tokens x vocab] logits (the largest matmul of a small model). DDP/FSDP wrap this module,
+    so everything the backward pass needs happens inside its forward.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def make_optimizer(params, train_cfg):
+    name = train_cfg.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                                 betas=tuple(train_cfg.adam_betas))
+    if name == "adafactor":  # the MoDE paper's optimizer; fixed lr, no relative step or parameter scaling
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
+    raise ModeError(f"train.optimizer={name!r} is not one of ['adamw', 'adafactor']")
+
+
+def make_scheduler(optimizer, train_cfg):
+    from transformers import get_scheduler
+
+    warmup = train_cfg.warmup_steps
+    if warmup is None:
+        warmup = int(round(train_cfg.warmup_ratio * train_cfg.max_steps))
+    try:
+        return get_scheduler(train_cfg.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                             num_training_steps=max(1, train_cfg.max_steps))
+    except ValueError as err:
+        raise ModeError(f"train.lr_scheduler={train_cfg.lr_scheduler!r}: {err}") from err
+
+
+def accumulation_steps(train_cfg, world_size: int) -> int:
+    """Micro-batches per process per step, so that the global batch is train.batch_size everywhere."""
+    per_step = train_cfg.micro_batch_size * world_size
+    if train_cfg.batch_size % per_step:
+        raise ModeError(
+            f"train.batch_size={train_cfg.batch_size} is not a multiple of train.micro_batch_size="
+            f"{train_cfg.micro_batch_size} x {world_size} process(es)"
+        )
+    return train_cfg.batch_size // per_step
+
+
+def micro_batches(examples: list[dict], indices: list[int], rank: int, world: int, accum: int, micro: int):
+    """This process's micro-batches of one global batch; sorted by length to waste less on padding."""
+    share = indices[rank * accum * micro : (rank + 1) * accum * micro]
+    share = sorted(share, key=lambda i: len(examples[i]["input_ids"]))
+    return [share[k * micro : (k + 1) * micro] for k in range(accum)]
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap checks before any model or data is loaded; each names the key and value at fault."""
+    from mode.adapters import AdapterConfig
+
+    AdapterConfig.from_mapping(cfg.adapter)
+    for key in ("max_steps", "batch_size", "micro_batch_size", "log_every"):
+        value = cfg.train[key]
+        minimum = 0 if key == "max_steps" else 1
+        if not isinstance(value, int) or value < minimum:
+            raise ModeError(f"train.{key}={value!r} must be an integer >= {minimum}")
+    if cfg.train.precision not in PRECISIONS:
+        raise ModeError(f"train.precision={cfg.train.precision!r} is not one of {list(PRECISIONS)}")
+    if not Path(str(cfg.data.sni_dir)).is_dir():
+        raise ModeError(f"data.sni_dir={str(cfg.data.sni_dir)!r}: no such folder")
+
+
+def run_name(cfg) -> str:
+    a = cfg.adapter
+    shape = {"lora": f"r{a.rank}", "more": f"R{a.rank}"}.get(a.method, f"{a.experts}x{a.rank}x{a.block_rank}")
+    return f"{cfg.model.id}-{a.method}-{shape}-s{cfg.seed}"
+
+
+def train(cfg: DictConfig, run_dir: str) -> dict:
+    """Train, save the adapter, evaluate; returns the metrics written to `<run_dir>/metrics.json`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    validate_config(cfg)
+    run_dir = Path(run_dir)
+    check_run_dir_is_new(run_dir)
+    accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.train.precision], cpu=cfg.train.device == "cpu")
+    is_main = accelerator.is_main_process
+    resolved = mode_config.to_container(cfg)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+    set_seed(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading consumed
+    apply_adapters(model, cfg.adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = count_adapter_parameters(model)
+    n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+    data = build_data(cfg.data, cfg.eval, tokenizer)
+    if is_main:
+        atomic_write_text(run_dir / "data_stats.json", json.dumps(
+            {"tasks": data.tasks, "absent_tasks": data.absent_tasks, "per_task": data.stats}, indent=2) + "\n")
+    log.info("%d tasks, %d training / %d evaluation instances; %s trainable adapter parameters",
+             len(data.tasks), len(data.train), len(data.eval), f"{n_trainable:,}")
+
+    accum = accumulation_steps(cfg.train, accelerator.num_processes)
+    sampler = MixtureSampler(len(data.train), cfg.train.batch_size, cfg.seed, cfg.data.sampling)
+    optimizer = make_optimizer(trainable, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    loss_module, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
+    logger = make_logger(cfg, str(run_dir), resolved, run_name(cfg), is_main)
+    logger.summary({"trainable_parameters": n_trainable, "base_parameters": n_base})
+
+    answer_tokens = [len(e["input_ids"]) - e["prompt_length"] for e in data.train]
+    pad_id = tokenizer.pad_token_id
+    loss_module.train()
+    bar = tqdm(total=cfg.train.max_steps, desc="training", unit="step", disable=not is_main)
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    train_start = time.perf_counter()
+    last_loss = float("nan")
+    for step in range(cfg.train.max_steps):
+        indices = sampler.indices(step)
+        n_tokens = sum(answer_tokens[i] for i in indices)  # global batch: known to every rank, no all-reduce
+        step_loss = torch.zeros((), device=accelerator.device)
+        groups = micro_batches(data.train, indices, accelerator.process_index, accelerator.num_processes,
+                               accum, cfg.train.micro_batch_size)
+        for k, group in enumerate(groups):
+            batch = collate_train([data.train[i] for i in group], pad_id)
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            sync = k == len(groups) - 1
+            with accelerator.no_sync(loss_module) if not sync else contextlib.nullcontext():
+                loss_sum = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                # DDP averages gradients over processes, hence the world-size factor.
+                accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
+            step_loss += loss_sum.detach()
+        if cfg.train.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_loss = accelerator.reduce(step_loss, reduction="sum").item() / n_tokens
+        if not math.isfinite(step_loss):
+            raise ModeError(f"training loss became {step_loss} at step {step + 1}; lower train.lr or check the data")
+        last_loss = step_loss
+        window_loss += step_loss
+        window_steps += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            logger.log({"train/loss": window_loss / window_steps, "train/lr": scheduler.get_last_lr()[0],
+                        "train/step_time_s": elapsed / window_steps}, step=step + 1)
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    bar.close()
+    train_time = time.perf_counter() - train_start
+
+    accelerator.wait_for_everyone()
+    if is_main:
+        save_adapters(model, run_dir / "adapter", extra={"base_model": cfg.model.name_or_path, "model_id": cfg.model.id})
+    metrics, predictions = evaluate(model, tokenizer, data.eval, cfg.eval, accelerator)
+    if is_main:
+        metrics.update({"trainable_parameters": n_trainable, "base_parameters": n_base,
+                        "train_steps": cfg.train.max_steps, "train_loss": last_loss,
+                        "train_time_s": round(train_time, 1)})
+        write_results(run_dir, metrics, predictions)
+        logger.summary({f"eval/{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
+        logger.table("eval/per_task", ["task", "rougeL", "exact_match"],
+                     [[t, metrics[f"rougeL_for_{t}"], metrics[f"exact_match_for_{t}"]] for t in data.tasks
+                      if f"rougeL_for_{t}" in metrics])
+        print(f"ROUGE-L {metrics['rougeL']:.2f}  exact match {metrics['exact_match']:.2f}  "
+              f"({metrics['num_instances']} instances, {len(data.tasks)} tasks) -> {run_dir}", flush=True)
+    logger.finish()
+    return metrics
+
+
+@hydra.main(config_path=str(mode_config.CONF_DIR), config_name="train", version_base="1.3")
+@exit_on_user_error
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    return metrics.get("rougeL")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Every config composes and resolves: each option of each group, and the eval entry point's config."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from mode.adapters import AdapterConfig
+from mode.config import CONF_DIR, compose
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
+
+
+def test_groups_exist():
+    assert {"model", "adapter", "data", "train", "eval", "logger", "paths"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_resolves(group, option):
+    cfg = compose("train", [f"{group}={option}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert resolved[group] is not None
+    AdapterConfig.from_mapping(cfg.adapter)  # and the adapter node is a valid adapter config
+
+
+def test_cli_keys_of_the_spec_exist():
+    cfg = compose("train")
+    for key in ("adapter.method", "adapter.rank", "adapter.experts", "adapter.block_rank", "adapter.alpha",
+                "adapter.dropout", "adapter.target_modules", "model.name_or_path", "data.sni_dir", "data.tasks",
+                "data.max_instances_per_task", "seed", "train.max_steps", "train.batch_size", "train.save_every",
+                "resume", "eval.max_instances_per_task", "logger"):
+        assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
+
+
+def test_paths_follow_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODE_SNI_DIR", str(tmp_path))
+    assert compose("train").data.sni_dir == str(tmp_path)
+
+
+def test_eval_config_requires_run_dir():
+    cfg = compose("eval", ["run_dir=/some/run"])
+    assert cfg.run_dir == "/some/run" and cfg.eval.batch_size > 0
