@@ -6,13 +6,14 @@ BIN     = $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: help install train test test-all clean-venv
+.PHONY: help install train test test-all lint clean-venv
 
 help:
 	@echo "make install   fresh $(VENV) with $(TORCH_SPEC) and mode (editable, with dev extras)"
 	@echo "make train     the main job: LoRA on SmolLM2-135M-Instruct, SNI case-study tasks (ARGS='...' adds overrides)"
 	@echo "make test      the default test suite (slow tests excluded)"
 	@echo "make test-all  every test, slow ones included"
+	@echo "make lint      ruff"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check mode tests
 
 clean-venv:
 	rm -rf $(VENV)

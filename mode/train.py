@@ -20,74 +20,25 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mode import config as mode_config
 from mode.adapters import apply_adapters, count_adapter_parameters, save_adapters
-from mode.data.collate import IGNORE_INDEX, collate_train
+from mode.data.collate import collate_train
 from mode.data.dataset import build_data
 from mode.data.sampling import MixtureSampler
 from mode.errors import ModeError, exit_on_user_error
 from mode.eval import evaluate, write_results
-from mode.loggers import make_logger
-from mode.models import load_model_and_tokenizer
 from mode.fileio import atomic_write_text
+from mode.loggers import make_logger
+from mode.losses import AnswerLoss
+from mode.models import load_model_and_tokenizer
+from mode.optim import make_optimizer, make_scheduler
 from mode.run_dir import check_run_dir_is_new
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-class AnswerLoss(nn.Module):
-    """The causal LM plus a summed cross-entropy over answer tokens.
-
-    The output head runs only at answer positions: prompts are long and answers short, so this skips
-    most of the [tokens x vocab] logits (the largest matmul of a small model). DDP/FSDP wrap this module,
-    so everything the backward pass needs happens inside its forward.
-    """
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
-
-
-def make_optimizer(params, train_cfg):
-    name = train_cfg.optimizer
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                 betas=tuple(train_cfg.adam_betas))
-    if name == "adafactor":  # the MoDE paper's optimizer; fixed lr, no relative step or parameter scaling
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                         scale_parameter=False, relative_step=False, warmup_init=False)
-    raise ModeError(f"train.optimizer={name!r} is not one of ['adamw', 'adafactor']")
-
-
-def make_scheduler(optimizer, train_cfg):
-    from transformers import get_scheduler
-
-    warmup = train_cfg.warmup_steps
-    if warmup is None:
-        warmup = int(round(train_cfg.warmup_ratio * train_cfg.max_steps))
-    try:
-        return get_scheduler(train_cfg.lr_scheduler, optimizer, num_warmup_steps=warmup,
-                             num_training_steps=max(1, train_cfg.max_steps))
-    except ValueError as err:
-        raise ModeError(f"train.lr_scheduler={train_cfg.lr_scheduler!r}: {err}") from err
 
 
 def accumulation_steps(train_cfg, world_size: int) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SHARED_SNI, needs_shared_sni
 from omegaconf import OmegaConf
 
-from conftest import SHARED_SNI, needs_shared_sni
 from mode.data.collate import IGNORE_INDEX, collate_prompts, collate_train
 from mode.data.dataset import build_data
 from mode.data.encoding import EncodingConfig, PromptEncoder, build_source

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from mode.adapters import (
-    adapter_state_dict, apply_adapters, count_adapter_parameters, load_adapters, merge_adapters, save_adapters,
+    adapter_state_dict,
+    apply_adapters,
+    count_adapter_parameters,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
     unmerge_adapters,
 )
 from mode.errors import ModeError

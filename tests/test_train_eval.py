@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, SHARED_SNI, STORIES, needs_shared_sni, needs_stories
+
 from mode.config import compose
 from mode.data.collate import collate_train
-from mode.train import AnswerLoss, train
+from mode.losses import AnswerLoss
+from mode.train import train
 
 SPEC_FILES = ["config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json",
               "predictions.jsonl"]

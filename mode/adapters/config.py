@@ -23,7 +23,7 @@ class AdapterConfig:
     extra: dict = field(default_factory=dict)  # method-specific options (see conf/adapter/<method>.yaml)
 
     @classmethod
-    def from_mapping(cls, cfg) -> "AdapterConfig":
+    def from_mapping(cls, cfg) -> AdapterConfig:
         """Accept a dict, DictConfig or AdapterConfig; unknown keys go to `extra` for the method to check."""
         if isinstance(cfg, AdapterConfig):
             return cfg

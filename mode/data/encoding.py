@@ -32,7 +32,7 @@ class EncodingConfig:
     max_target_length: int = 128      # answer tokens, end-of-sequence included
 
     @classmethod
-    def from_mapping(cls, cfg) -> "EncodingConfig":
+    def from_mapping(cls, cfg) -> EncodingConfig:
         return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
 
 
