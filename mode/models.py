@@ -123,3 +123,21 @@ def byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def non_embedding_parameters(model) -> int:
+    """Base parameters outside the token embeddings and the output head: the denominator of the MoDE
+    paper's "% of Gemma-2B non-embedding parameters" (adapter parameters excluded)."""
+    from mode.adapters import AdapterLayer
+
+    skip = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+            for p in m.parameters()}
+    adapter = {id(p) for m in model.modules() if isinstance(m, AdapterLayer)
+               for n, p in m.named_parameters() if not n.startswith("base_layer.")}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip or id(p) in adapter:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -32,7 +32,7 @@ from mode.eval import evaluate, write_results
 from mode.fileio import atomic_write_text
 from mode.loggers import make_logger
 from mode.losses import AnswerLoss
-from mode.models import load_model_and_tokenizer
+from mode.models import load_model_and_tokenizer, non_embedding_parameters
 from mode.optim import make_optimizer, make_scheduler
 from mode.run_dir import check_run_dir_is_new
 
@@ -105,6 +105,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = count_adapter_parameters(model)
     n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_base_non_embedding = non_embedding_parameters(model)
 
     data = build_data(cfg.data, cfg.eval, tokenizer)
     if is_main:
@@ -171,6 +172,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
     metrics, predictions = evaluate(model, tokenizer, data.eval, cfg.eval, accelerator)
     if is_main:
         metrics.update({"trainable_parameters": n_trainable, "base_parameters": n_base,
+                        "base_non_embedding_parameters": n_base_non_embedding,
                         "train_steps": cfg.train.max_steps, "train_loss": last_loss,
                         "train_time_s": round(train_time, 1)})
         write_results(run_dir, metrics, predictions)
