@@ -126,7 +126,10 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
     logger.summary({"trainable_parameters": n_trainable, "base_parameters": n_base})
 
     answer_tokens = [len(e["input_ids"]) - e["prompt_length"] for e in data.train]
-    reduce = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731  (statistics over all processes)
+
+    def reduce(t):  # routing statistics: summed over processes
+        return accelerator.reduce(t, reduction="sum")
+
     pad_id = tokenizer.pad_token_id
     loss_module.train()
     bar = tqdm(total=cfg.train.max_steps, desc="training", unit="step", disable=not is_main)
