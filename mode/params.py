@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mode.errors import ModeError, exit_on_user_error
+from mode.models import non_embedding_parameters
 
 
 def architecture(model_cfg):
@@ -56,16 +57,6 @@ def meta_model(model_cfg):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return model, source
-
-
-def non_embedding_parameters(model) -> int:
-    """All base parameters minus the token embeddings (and an untied output head)."""
-    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
-    embeddings = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight}
-    head = model.get_output_embeddings()
-    if head is not None:
-        embeddings[id(head.weight)] = head.weight
-    return total - sum(w.numel() for w in embeddings.values())
 
 
 def parameter_table(cfg) -> dict:
