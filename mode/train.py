@@ -106,22 +106,22 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
     n_trainable = count_adapter_parameters(model)
     n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
-    data = build_data(cfg.data, cfg.eval, tokenizer)
+    data = build_data(cfg.data, cfg.eval, tokenizer, cache_dir=cfg.paths.get("cache_dir"))
     if is_main:
-        atomic_write_text(run_dir / "data_stats.json", json.dumps(
-            {"tasks": data.tasks, "absent_tasks": data.absent_tasks, "per_task": data.stats}, indent=2) + "\n")
+        atomic_write_text(run_dir / "data_stats.json", json.dumps(data.record(), indent=2) + "\n")
     log.info("%d tasks, %d training / %d evaluation instances; %s trainable adapter parameters",
              len(data.tasks), len(data.train), len(data.eval), f"{n_trainable:,}")
 
     accum = accumulation_steps(cfg.train, accelerator.num_processes)
-    sampler = MixtureSampler(len(data.train), cfg.train.batch_size, cfg.seed, cfg.data.sampling)
+    sampler = MixtureSampler(data.train.column("task_index"), cfg.train.batch_size, cfg.seed, cfg.data.sampling,
+                             cfg.data.get("sampling_temperature", 2.0))
     optimizer = make_optimizer(trainable, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
     loss_module, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
     logger = make_logger(cfg, str(run_dir), resolved, run_name(cfg), is_main)
     logger.summary({"trainable_parameters": n_trainable, "base_parameters": n_base})
 
-    answer_tokens = [len(e["input_ids"]) - e["prompt_length"] for e in data.train]
+    answer_tokens = [n - p for n, p in zip(data.train.column("length"), data.train.column("prompt_length"))]
     pad_id = tokenizer.pad_token_id
     loss_module.train()
     bar = tqdm(total=cfg.train.max_steps, desc="training", unit="step", disable=not is_main)
@@ -176,10 +176,10 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
         write_results(run_dir, metrics, predictions)
         logger.summary({f"eval/{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
         logger.table("eval/per_task", ["task", "rougeL", "exact_match"],
-                     [[t, metrics[f"rougeL_for_{t}"], metrics[f"exact_match_for_{t}"]] for t in data.tasks
+                     [[t, metrics[f"rougeL_for_{t}"], metrics[f"exact_match_for_{t}"]] for t in data.eval_tasks
                       if f"rougeL_for_{t}" in metrics])
         print(f"ROUGE-L {metrics['rougeL']:.2f}  exact match {metrics['exact_match']:.2f}  "
-              f"({metrics['num_instances']} instances, {len(data.tasks)} tasks) -> {run_dir}", flush=True)
+              f"({metrics['num_instances']} instances, {len(data.eval_tasks)} tasks) -> {run_dir}", flush=True)
     logger.finish()
     return metrics
 
