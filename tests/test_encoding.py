@@ -24,7 +24,7 @@ def tk_instruct_source(task_json: dict, instance: dict, count, max_source_length
     task_input = ""
     task_input += "Now complete the following example -\n"
     task_input += f"Input: {instance['input'].strip()}"
-    if not task_input[-1] in string.punctuation:
+    if task_input[-1] not in string.punctuation:
         task_input += "."
     task_input += "\n"
     task_input += "Output: "
@@ -37,23 +37,23 @@ def tk_instruct_source(task_json: dict, instance: dict, count, max_source_length
             definition = "Definition: " + task_json["Definition"][0].strip()
         else:
             definition = "Definition: " + task_json["Definition"].strip()
-        if not definition[-1] in string.punctuation:
+        if definition[-1] not in string.punctuation:
             definition += "."
         definition += "\n\n"
     pos_examples = []
     for idx, pos_example in enumerate(task_json["Positive Examples"][:num_pos_examples]):
         pos_example_str = f" Positive Example {idx+1} -\n"
         pos_example_str += f"Input: {pos_example['input'].strip()}"
-        if not pos_example_str[-1] in string.punctuation:
+        if pos_example_str[-1] not in string.punctuation:
             pos_example_str += "."
         pos_example_str += "\n"
         pos_example_str += f" Output: {pos_example['output'].strip()}"
-        if not pos_example_str[-1] in string.punctuation:
+        if pos_example_str[-1] not in string.punctuation:
             pos_example_str += "."
         pos_example_str += "\n"
         if add_explanation and "explanation" in pos_example:
             pos_example_str += f" Explanation: {pos_example['explanation'].strip()}"
-            if not pos_example_str[-1] in string.punctuation:
+            if pos_example_str[-1] not in string.punctuation:
                 pos_example_str += "."
             pos_example_str += "\n"
         pos_example_str += "\n"
@@ -65,16 +65,16 @@ def tk_instruct_source(task_json: dict, instance: dict, count, max_source_length
     for idx, neg_example in enumerate(task_json["Negative Examples"][:num_neg_examples]):
         neg_example_str = f" Negative Example {idx+1} -\n"
         neg_example_str += f"Input: {neg_example['input'].strip()}"
-        if not neg_example_str[-1] in string.punctuation:
+        if neg_example_str[-1] not in string.punctuation:
             neg_example_str += "."
         neg_example_str += "\n"
         neg_example_str += f" Output: {neg_example['output'].strip()}"
-        if not neg_example_str[-1] in string.punctuation:
+        if neg_example_str[-1] not in string.punctuation:
             neg_example_str += "."
         neg_example_str += "\n"
         if add_explanation and "explanation" in neg_example:
             neg_example_str += f" Explanation: {neg_example['explanation'].strip()}"
-            if not neg_example_str[-1] in string.punctuation:
+            if neg_example_str[-1] not in string.punctuation:
                 neg_example_str += "."
             neg_example_str += "\n"
         neg_example_str += "\n"
@@ -140,7 +140,7 @@ def test_truncation_never_cuts_the_query_or_the_answer_on_real_tasks():
         instances = task.instances[:10]
         prompts = enc.prompts(task, [x["input"] for x in instances])
         sources = build_sources(task, [x["input"] for x in instances], cfg, enc.count_many)
-        for inst, (ids, overflow), (head, query) in zip(instances, prompts, sources):
+        for (ids, overflow), (head, query) in zip(prompts, sources):
             assert len(ids) <= 160 and ids[0] == tok.bos_token_id
             tail_ids = tok(query[:-1], add_special_tokens=False)["input_ids"]  # "...Output:" (space -> answer)
             if overflow:  # the query alone is over budget: its end, with the "Output:" cue, is kept
