@@ -115,3 +115,13 @@ def test_an_unreadable_cache_entry_is_a_clear_error(sni_fixture, tmp_path):
         (tmp_path / "sni" / entry / "state.json").write_text("{broken")
     with pytest.raises(ModeError, match="unreadable tokenised-data cache entry .*delete the folder"):
         build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=tmp_path)
+
+
+def test_a_part_with_no_instances_is_an_empty_table_not_an_error(sni_fixture, tmp_path):
+    from test_tasksets import add_task
+
+    add_task(sni_fixture, "task503_single", Instances=[{"id": "only", "input": "x", "output": ["y"]}])
+    cfg = data_cfg(sni_fixture, tasks=["task503_single"], task_list_file=None)
+    for _ in range(2):  # built, then loaded from the cache
+        data = build_data(cfg, EVAL, byte_tokenizer(), cache_dir=tmp_path)
+        assert len(data.train) == 1 and len(data.eval) == 0 and data.eval.column("id") == []

@@ -69,6 +69,8 @@ def load_or_build(cache_dir, name: str, build):
     with FileLock(str(final) + ".lock"):
         if not (final / "mode_stats.json").is_file():
             dataset, stats = build()
+            if not len(dataset):  # nothing to keep (and datasets cannot reload a table without rows)
+                return dataset, stats
             tmp = final.parent / f".tmp-{name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             try:

@@ -162,7 +162,6 @@ def _encode(records: list[dict], part: str, encoder: PromptEncoder, tasks: dict[
     """Encode records with datasets.map; returns (dataset, per-task counts)."""
     from datasets import Dataset, Features, Sequence, Value
 
-    names = ["id", "task", "task_index"]
     features = {"id": Value("string"), "task": Value("string"), "task_index": Value("int32")}
     if part == "eval":
         features.update(categories=Sequence(Value("string")), references=Sequence(Value("string")),
@@ -170,8 +169,12 @@ def _encode(records: list[dict], part: str, encoder: PromptEncoder, tasks: dict[
     else:
         features.update(input_ids=Sequence(Value("int32")), prompt_length=Value("int32"), length=Value("int32"),
                         dropped=Value("bool"), answer_cut=Value("bool"))
+    flags = ["prompt_cut"] if part == "eval" else ["dropped", "answer_cut"]
+    if not records:  # map() over nothing would not even produce the columns
+        kept = Features({k: v for k, v in features.items() if k not in flags})
+        return Dataset.from_dict({k: [] for k in kept}, features=kept), {}
     headers = {name: dataclasses.replace(task, instances=[]) for name, task in tasks.items()}  # small to ship
-    raw = Dataset.from_list(records) if records else Dataset.from_dict({k: [] for k in names})
+    raw = Dataset.from_list(records)
     n_tasks = len({r["task"] for r in records})
     encoded = raw.map(_encode_batch, batched=True, batch_size=256, remove_columns=raw.column_names,
                       features=Features(features), num_proc=num_proc if num_proc > 1 and len(records) > 1 else None,
@@ -184,7 +187,7 @@ def _encode(records: list[dict], part: str, encoder: PromptEncoder, tasks: dict[
             s = stats.setdefault(name, {"eval": 0, "eval_prompts_truncated": 0})
             s["eval"] += 1
             s["eval_prompts_truncated"] += int(cut)
-        return encoded.remove_columns(["prompt_cut"]), stats
+        return encoded.remove_columns(flags), stats
     dropped = encoded["dropped"]
     for name, drop, cut in zip(encoded["task"], dropped, encoded["answer_cut"]):
         s = stats.setdefault(name, {"train": 0, "train_dropped_overlong": 0, "train_answers_truncated": 0})
@@ -193,7 +196,7 @@ def _encode(records: list[dict], part: str, encoder: PromptEncoder, tasks: dict[
         s["train_answers_truncated"] += int(cut and not drop)
     if any(dropped):
         encoded = encoded.select([i for i, d in enumerate(dropped) if not d])
-    return encoded.remove_columns(["dropped", "answer_cut"]), stats
+    return encoded.remove_columns(flags), stats
 
 
 def _cache_name(part: str, records: list[dict], encoder: PromptEncoder, tasks: dict[str, Task]) -> str:
