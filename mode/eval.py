@@ -24,7 +24,7 @@ from mode.adapters.runtime import adapter_context
 from mode.data.collate import collate_prompts
 from mode.errors import ModeError, exit_on_user_error
 from mode.fileio import atomic_write_text
-from mode.metrics import category_key, sni_metrics
+from mode.metrics import category_key, sni_report
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +81,11 @@ def evaluate(model, tokenizer, examples: list[dict], eval_cfg, accelerator=None)
 
 
 def score(rows: list[dict], categories: dict[str, list[str]] | None = None) -> dict:
-    """Overall, per-task and per-category SNI metrics of prediction rows (category = a task's first)."""
-    preds = [r["prediction"] for r in rows]
-    refs = [r["references"] for r in rows]
-    metrics = sni_metrics(preds, refs, groups=[r["task"] for r in rows])
-    if categories:
-        cats = [category_key(categories[r["id"]][0]) if categories.get(r["id"]) else "uncategorised" for r in rows]
-        per_cat = sni_metrics(preds, refs, groups=cats)
-        metrics.update({k: v for k, v in per_cat.items() if "_for_" in k})
-    metrics["num_instances"] = len(rows)
-    return metrics
+    """Overall, per-task and per-category SNI metrics of prediction rows (category = a task's first),
+    with `per_task` / `per_category` tables (see `mode.metrics.sni_report`)."""
+    categories = categories or {}
+    cats = [category_key(categories[r["id"]][0]) if categories.get(r["id"]) else "uncategorised" for r in rows]
+    return sni_report([r["prediction"] for r in rows], [r["references"] for r in rows], [r["task"] for r in rows], cats)
 
 
 def write_results(out_dir, metrics: dict, rows: list[dict], routing: dict | None = None) -> None:
@@ -137,7 +132,8 @@ def evaluate_run(cfg: DictConfig, out_dir: str) -> dict:
     load_adapters(model, adapter_dir)
     device = torch.device(run_cfg.eval.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    data = build_data(run_cfg.data, run_cfg.eval, tokenizer, need_train=False)
+    data = build_data(run_cfg.data, run_cfg.eval, tokenizer, need_train=False,
+                      cache_dir=OmegaConf.select(run_cfg, "paths.cache_dir", default=None))
     trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("tasks")
     if saved.method == "more" and trained_on is not None and trained_on != data.tasks:
         raise ModeError(f"{adapter_dir}: the MoRE adapter was trained on other tasks (or another order) than "

@@ -102,7 +102,10 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
     if cfg.train.gradient_checkpointing:  # the context_fn gives recomputed adapters their batch's task ids
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
             "use_reentrant": False, "context_fn": checkpoint_context_fn(model)})
-    data = build_data(cfg.data, cfg.eval, tokenizer)
+    data = build_data(cfg.data, cfg.eval, tokenizer, cache_dir=cfg.paths.get("cache_dir"))
+    if cfg.adapter.method == "more" and set(data.eval_tasks) - set(data.tasks):
+        raise ModeError("adapter.method='more' routes by training task, but data.protocol="
+                        f"{cfg.data.protocol!r} evaluates tasks it never trained on (use held_in)")
     torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading consumed
     apply_adapters(model, cfg.adapter, num_tasks=len(data.tasks))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -113,20 +116,20 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
     diagnostics.start()
 
     if is_main:
-        atomic_write_text(run_dir / "data_stats.json", json.dumps(
-            {"tasks": data.tasks, "absent_tasks": data.absent_tasks, "per_task": data.stats}, indent=2) + "\n")
+        atomic_write_text(run_dir / "data_stats.json", json.dumps(data.record(), indent=2) + "\n")
     log.info("%d tasks, %d training / %d evaluation instances; %s trainable adapter parameters",
              len(data.tasks), len(data.train), len(data.eval), f"{n_trainable:,}")
 
     accum = accumulation_steps(cfg.train, accelerator.num_processes)
-    sampler = MixtureSampler(len(data.train), cfg.train.batch_size, cfg.seed, cfg.data.sampling)
+    sampler = MixtureSampler(data.train.column("task_index"), cfg.train.batch_size, cfg.seed, cfg.data.sampling,
+                             cfg.data.get("sampling_temperature", 2.0))
     optimizer = make_optimizer(trainable, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
     loss_module, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
     logger = make_logger(cfg, str(run_dir), resolved, run_name(cfg), is_main)
     logger.summary({"trainable_parameters": n_trainable, "base_parameters": n_base})
 
-    answer_tokens = [len(e["input_ids"]) - e["prompt_length"] for e in data.train]
+    answer_tokens = [n - p for n, p in zip(data.train.column("length"), data.train.column("prompt_length"))]
 
     def reduce(t):  # routing statistics: summed over processes
         return accelerator.reduce(t, reduction="sum")
@@ -189,10 +192,10 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
         write_results(run_dir, metrics, predictions, routing)
         logger.summary({f"eval/{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
         logger.table("eval/per_task", ["task", "rougeL", "exact_match"],
-                     [[t, metrics[f"rougeL_for_{t}"], metrics[f"exact_match_for_{t}"]] for t in data.tasks
+                     [[t, metrics[f"rougeL_for_{t}"], metrics[f"exact_match_for_{t}"]] for t in data.eval_tasks
                       if f"rougeL_for_{t}" in metrics])
         print(f"ROUGE-L {metrics['rougeL']:.2f}  exact match {metrics['exact_match']:.2f}  "
-              f"({metrics['num_instances']} instances, {len(data.tasks)} tasks) -> {run_dir}", flush=True)
+              f"({metrics['num_instances']} instances, {len(data.eval_tasks)} tasks) -> {run_dir}", flush=True)
     logger.finish()
     return metrics
 

@@ -74,3 +74,9 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path_factory):
+    """Tokenised-data caches of tests go to a per-session folder, never the user's ~/.cache/mode."""
+    monkeypatch.setenv("MODE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mode-cache"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import SHARED_SNI, needs_shared_sni
 from rouge_score import rouge_scorer
 
 from mode.metrics import category_key, normalize_answer, sni_metrics
@@ -51,3 +52,103 @@ def test_category_key():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError):
         sni_metrics(["a"], [["a"], ["b"]])
+
+
+# --- against the official implementation, on real SNI data -------------------------------------------
+# A direct port of Tk-Instruct's src/compute_metrics.py (the leaderboard's scorer): a fresh RougeScorer per
+# call, `score(prediction=..., target=...)`, SQuAD normalisation without article removal, max over
+# references, x100, rounded to 4 decimals; grouped metrics by the same function.
+
+def _official_normalize(s):
+    import string as _string
+
+    exclude = set(_string.punctuation)
+    return " ".join("".join(ch for ch in s.lower() if ch not in exclude).split())
+
+
+def _official_compute_metrics(predictions, references):
+    exact, rouge = 0, 0
+    for pred, gold in zip(predictions, references):
+        exact += max(_official_normalize(pred) == _official_normalize(g) for g in gold)
+        rouge += max(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(prediction=pred, target=g)["rougeL"].fmeasure
+                     for g in gold)
+    return {"exact_match": round(100.0 * exact / len(references), 4), "rougeL": round(100.0 * rouge / len(references), 4)}
+
+
+def _real_pairs(per_task=6):
+    """(prediction, references, task) triples from real tasks: exact answers, case/punctuation variants,
+    another instance's answer, the input itself, truncations and empty strings."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    files = sorted((SHARED_SNI / "tasks").glob("*.json"))
+    triples = []
+    for path in rng.sample(files, 60):
+        instances = json.loads(path.read_text())["Instances"][:40]
+        for k in range(per_task):
+            inst = instances[k % len(instances)]
+            other = instances[(k * 7 + 3) % len(instances)]
+            ref = inst["output"][0]
+            candidates = [ref, ref.upper() + "!", other["output"][0], inst["input"][:200],
+                          " ".join(ref.split()[: max(1, len(ref.split()) // 2)]), "", "the " + ref]
+            triples.append((candidates[k % len(candidates)], inst["output"], path.stem))
+    return triples
+
+
+@needs_shared_sni
+def test_sni_metrics_equal_the_official_scorer_on_hundreds_of_real_pairs():
+    triples = _real_pairs()
+    assert len(triples) >= 300
+    preds, refs, tasks = map(list, zip(*triples))
+    ours = sni_metrics(preds, refs, groups=tasks)
+    official = _official_compute_metrics(preds, refs)
+    assert ours["rougeL"] == official["rougeL"] and ours["exact_match"] == official["exact_match"]
+    assert 0 < official["exact_match"] < 100 and 0 < official["rougeL"] < 100  # the pairs are not trivial
+    for task in set(tasks):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        expected = _official_compute_metrics([preds[i] for i in rows], [refs[i] for i in rows])
+        assert ours[f"rougeL_for_{task}"] == expected["rougeL"], task
+        assert ours[f"exact_match_for_{task}"] == expected["exact_match"], task
+
+
+def test_exact_match_edge_cases():
+    # articles stay, every string.punctuation character goes, whitespace collapses, case folds
+    assert normalize_answer("A  (b)\n c-d.") == "a b cd"
+    assert sni_metrics(["an apple"], [["apple"]])["exact_match"] == 0.0
+    # punctuation outside string.punctuation (typographic quotes) is kept, as upstream keeps it
+    assert sni_metrics(["\u2018yes\u2019"], [["yes"]])["exact_match"] == 0.0
+    # a whitespace-only prediction equals an empty or punctuation-only reference after normalisation
+    assert sni_metrics(["   "], [["..."]])["exact_match"] == 100.0
+
+
+def test_each_metric_takes_its_own_best_reference():
+    pred = "the cat sat on the mat"
+    refs = ["The cat sat on the mat!", "cat sat on mat"]
+    m = sni_metrics([pred], [refs])
+    assert m["exact_match"] == 100.0 and m["rougeL"] == 100.0
+    # EM best from one reference, ROUGE-L best from another
+    refs = ["dog", "a cat sat on the mat today"]
+    m = sni_metrics(["cat sat on the mat"], [refs])
+    assert m["exact_match"] == 0.0
+    assert m["rougeL"] == round(100 * official_rouge_l("cat sat on the mat", refs[1]), 4)
+
+
+def test_stemming_is_on():
+    assert sni_metrics(["running dogs"], [["run dog"]])["rougeL"] == 100.0
+
+
+def test_report_tables_agree_with_flat_keys():
+    from mode.metrics import sni_report
+
+    preds = ["yes", "no", "a b", "x y z", ""]
+    refs = [["yes"], ["yes"], ["a b c"], ["x y z"], ["q"]]
+    tasks = ["t1", "t1", "t2", "t3", "t3"]
+    cats = ["qa", "qa", "qa", "gen", "gen"]
+    r = sni_report(preds, refs, tasks, cats)
+    assert r["num_instances"] == 5 and r["rougeL"] == sni_metrics(preds, refs)["rougeL"]
+    assert r["per_task"]["t1"] == {"rougeL": 50.0, "exact_match": 50.0, "num_instances": 2, "category": "qa"}
+    assert r["per_category"]["gen"] == {"rougeL": 50.0, "exact_match": 50.0, "num_instances": 2, "num_tasks": 1}
+    assert r["per_category"]["qa"]["num_tasks"] == 2
+    for t, row in r["per_task"].items():
+        assert r[f"rougeL_for_{t}"] == row["rougeL"]

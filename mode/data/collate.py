@@ -34,3 +34,20 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Te
         input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         attention_mask[row, width - len(p) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def collate_seq2seq(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Encoder-decoder batch from the shared row format: the prompt feeds the encoder (right-padded),
+    the answer becomes `labels` (-100 on padding); the model builds decoder inputs by shifting labels."""
+    sources = [e["input_ids"][: e["prompt_length"]] for e in examples]
+    targets = [e["input_ids"][e["prompt_length"] :] for e in examples]
+    src_width, tgt_width = max(map(len, sources)), max(map(len, targets))
+    input_ids = torch.full((len(examples), src_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), src_width), dtype=torch.long)
+    labels = torch.full((len(examples), tgt_width), IGNORE_INDEX, dtype=torch.long)
+    for row, (src, tgt) in enumerate(zip(sources, targets)):
+        input_ids[row, : len(src)] = torch.tensor(src, dtype=torch.long)
+        attention_mask[row, : len(src)] = 1
+        labels[row, : len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+    task_ids = torch.tensor([e["task_index"] for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,6 +30,15 @@ class Task:
     input_language: list[str] = field(default_factory=list)
     output_language: list[str] = field(default_factory=list)
     instruction_language: list[str] = field(default_factory=list)
+    fingerprint: str = ""                      # SHA-256 of the file's bytes (keys the tokenised-data cache)
+
+    def languages(self) -> dict[str, list[str]]:
+        return {"Input_language": self.input_language, "Output_language": self.output_language,
+                "Instruction_language": self.instruction_language}
+
+    def is_english(self) -> bool:
+        """English input, output and instruction (what SNI's default split calls English)."""
+        return all(langs == ["English"] for langs in self.languages().values())
 
 
 def task_path(sni_dir, name: str) -> Path:
@@ -55,7 +65,8 @@ def load_task(sni_dir, name: str) -> Task:
     """Read and check one task file; a malformed file is an error naming the file and the problem."""
     path = task_path(sni_dir, name)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        raw = json.loads(data.decode("utf-8"))
     except FileNotFoundError as err:
         raise ModeError(f"{path}: task file not found") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -81,18 +92,32 @@ def load_task(sni_dir, name: str) -> Task:
             outputs = [outputs]
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
             raise ModeError(f"{where} has no output strings")
+        if not isinstance(inst["input"], str):
+            raise ModeError(f"{where} has a non-string 'input'")
         inst.setdefault("id", f"{name}-{i}")
+        inst["id"] = str(inst["id"])
         inst["output"] = outputs
+    examples = {}
+    for key in ("Positive Examples", "Negative Examples"):
+        examples[key] = raw.get(key) or []
+        for i, ex in enumerate(examples[key]):
+            if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not isinstance(ex.get("output"), str):
+                raise ModeError(f"{path}: {key}[{i}] needs string 'input' and 'output'")
+    for key in ("Categories", "Input_language", "Output_language", "Instruction_language"):
+        value = raw.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ModeError(f"{path}: {key!r} must be a list of strings, got {value!r}")
     return Task(
         name=name,
         definition=definition,
         instances=instances,
-        positive_examples=raw.get("Positive Examples", []) or [],
-        negative_examples=raw.get("Negative Examples", []) or [],
+        positive_examples=examples["Positive Examples"],
+        negative_examples=examples["Negative Examples"],
         categories=raw.get("Categories", []) or [],
         input_language=raw.get("Input_language", []) or [],
         output_language=raw.get("Output_language", []) or [],
         instruction_language=raw.get("Instruction_language", []) or [],
+        fingerprint=hashlib.sha256(data).hexdigest(),
     )
 
 
@@ -131,11 +156,18 @@ def known_task_names(sni_dir) -> set[str] | None:
     return {name for f in files for name in read_task_list(f)} if files else None
 
 
-def requested_tasks(data_cfg) -> tuple[list[str], str]:
-    """The task names a data config asks for, and where they came from (for messages)."""
-    if data_cfg.get("tasks"):
-        return list(data_cfg.tasks), "data.tasks"
-    if data_cfg.get("task_list_file"):
-        path = Path(str(data_cfg.sni_dir)) / data_cfg.task_list_file
+def requested_tasks(data_cfg, prefix: str = "") -> tuple[list[str], str]:
+    """The task names a data config asks for, and where they came from (for messages).
+
+    `prefix=""` reads `data.tasks` / `data.task_list_file`; `prefix="eval_"` reads `data.eval_tasks` /
+    `data.eval_task_list_file` (the held-out protocol's evaluation tasks). A list file is relative to sni_dir.
+    """
+    tasks, list_file = data_cfg.get(f"{prefix}tasks"), data_cfg.get(f"{prefix}task_list_file")
+    if tasks:
+        if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks):
+            raise ModeError(f"data.{prefix}tasks must be a list of task names, got {tasks!r}")
+        return list(tasks), f"data.{prefix}tasks"
+    if list_file:
+        path = Path(str(data_cfg.sni_dir)) / str(list_file)
         return read_task_list(path), str(path)
-    raise ModeError("the data config selects no tasks: set data.tasks or data.task_list_file")
+    raise ModeError(f"the data config selects no tasks: set data.{prefix}tasks or data.{prefix}task_list_file")

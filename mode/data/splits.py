@@ -39,6 +39,13 @@ def held_out_train(task: Task, cap: int | None, seed: int) -> list[dict]:
     return instances if cap is None else instances[:cap]
 
 
-def held_out_eval(task: Task, cap: int | None) -> list[dict]:
-    """Tk-Instruct evaluation instances: `Instances[:cap]` in file order (upstream pre-selected them)."""
-    return list(task.instances) if cap is None else list(task.instances[:cap])
+def held_out_eval(task: Task, pool: int | None, cap: int | None, seed: int) -> list[dict]:
+    """Tk-Instruct evaluation instances: `Instances[:pool]` (upstream pre-selected and label-balanced the
+    first 100); with a smaller `cap`, a seeded sample of the pool (Tk-Instruct shuffles, then caps), kept in
+    file order. The sample depends on (seed, task) only."""
+    instances = list(task.instances) if pool is None else list(task.instances[:pool])
+    if cap is None or cap >= len(instances):
+        return instances
+    order = list(range(len(instances)))
+    random.Random(stable_seed("held_out_eval", seed, task.name)).shuffle(order)
+    return [instances[i] for i in sorted(order[:cap])]

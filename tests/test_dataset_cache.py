@@ -1,0 +1,127 @@
+"""build_data end to end: datasets-based tokenisation, its cache key, parallel encoding, held-out rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+from test_data import EVAL, data_cfg
+
+import mode.data.dataset as dataset_module
+from mode.data.dataset import build_data
+from mode.errors import ModeError
+from mode.models import byte_tokenizer
+
+
+def entries(cache_dir):
+    return sorted(p.name for p in (cache_dir / "sni").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def rows(data):
+    return [(r["id"], r["input_ids"], r["prompt_length"]) for r in data.train], [
+        (r["id"], r["prompt_ids"], r["references"], r["categories"]) for r in data.eval]
+
+
+def test_second_build_loads_the_cache_and_anything_that_changes_tokens_changes_the_key(sni_fixture, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=cache)
+    assert len(entries(cache)) == 2  # train + eval
+
+    def no_encoding(*a, **k):
+        raise AssertionError("tokenised again instead of loading the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(dataset_module, "_encode", no_encoding)
+        again = build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=cache)
+    assert rows(again) == rows(first) and again.stats == first.stats
+    assert len(entries(cache)) == 2
+
+    chat = byte_tokenizer()
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    variants = [
+        (data_cfg(sni_fixture, encoding={"num_pos_examples": 1}), byte_tokenizer()),   # encoding option
+        (data_cfg(sni_fixture, split_seed=1), byte_tokenizer()),                        # split
+        (data_cfg(sni_fixture, max_instances_per_task=5), byte_tokenizer()),            # cap (train part only)
+        (data_cfg(sni_fixture), chat),                                                  # tokenizer
+    ]
+    seen = set(entries(cache))
+    for cfg, tok in variants:
+        build_data(cfg, EVAL, tok, cache_dir=cache)
+        new = set(entries(cache)) - seen
+        assert new, cfg
+        seen |= new
+    # editing a task file changes its fingerprint, hence both keys
+    path = sni_fixture / "tasks" / "task001_add_numbers.json"
+    body = json.loads(path.read_text())
+    body["Definition"] = ["Add the two numbers, please"]
+    path.write_text(json.dumps(body))
+    before = set(entries(cache))
+    edited = build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=cache)
+    assert len(set(entries(cache)) - before) == 2 and rows(edited) != rows(first)
+
+
+def test_parallel_encoding_equals_serial(sni_fixture):
+    serial = build_data(data_cfg(sni_fixture, num_proc=1), EVAL, byte_tokenizer())
+    parallel = build_data(data_cfg(sni_fixture, num_proc=2), EVAL, byte_tokenizer())
+    assert rows(parallel) == rows(serial) and parallel.stats == serial.stats
+
+
+def test_held_out_rows_and_record(sni_fixture, tmp_path):
+    cfg = data_cfg(sni_fixture, protocol="held_out", eval_task_list_file="splits/default/test_tasks.txt",
+                   max_instances_per_task=6)
+    data = build_data(cfg, OmegaConf.create({"max_instances_per_task": None}), byte_tokenizer(), cache_dir=tmp_path)
+    assert data.tasks == ["task001_add_numbers", "task002_echo_word", "task003_yes_no"]
+    assert data.eval_tasks == ["task900_test_only"]
+    assert len(data.train) == 18 and {r["task_index"] for r in data.train} == {0, 1, 2}
+    assert len(data.eval) == 100 and {r["task_index"] for r in data.eval} == {3}
+    record = data.record()
+    assert record["protocol"] == "held_out" and record["eval_tasks"] == ["task900_test_only"]
+    assert record["per_task"]["task900_test_only"]["eval"] == 100 and record["per_task"]["task001_add_numbers"]["train"] == 6
+    only_eval = build_data(cfg, OmegaConf.create({"max_instances_per_task": 10}), byte_tokenizer(),
+                           cache_dir=tmp_path, need_train=False)
+    assert len(only_eval.train) == 0 and len(only_eval.eval) == 10
+
+
+def test_rows_read_like_a_list_of_dicts(sni_fixture):
+    data = build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer())
+    first = data.train[0]
+    assert set(first) == {"id", "task", "task_index", "input_ids", "prompt_length", "length"}
+    assert first["length"] == len(first["input_ids"]) and data.train[-1] == data.train[len(data.train) - 1]
+    assert data.train[1:3] == [data.train[1], data.train[2]] and data.eval[::3][1] == data.eval[3]
+    assert data.train.column("length") == [len(r["input_ids"]) for r in data.train]
+    with pytest.raises(IndexError):
+        data.train[len(data.train)]
+
+
+def test_overlong_training_instances_are_dropped_and_counted(sni_fixture):
+    # the query "Now complete the following example -\nInput: question number N?\nOutput:" is 70 bytes for
+    # a one-digit N and 71 for two digits: with a 70-token budget only N < 10 fits
+    cfg = data_cfg(sni_fixture, tasks=["task001_add_numbers"], task_list_file=None,
+                   encoding={"num_pos_examples": 0, "add_definition": False, "max_source_length": 70})
+    data = build_data(cfg, EVAL, byte_tokenizer())
+    s = data.stats["task001_add_numbers"]
+    kept = {r["id"] for r in data.train}
+    assert kept and all(int(i.rsplit("-", 1)[1]) < 10 for i in kept)
+    assert s["train"] == len(kept) and s["train_dropped_overlong"] == 36 - len(kept)
+    long_eval = [r for r in data.eval if int(r["id"].rsplit("-", 1)[1]) >= 10]
+    assert s["eval_prompts_truncated"] == len(long_eval) > 0  # evaluation keeps them, cut to the budget
+    assert all(len(r["prompt_ids"]) == 70 for r in long_eval)
+
+
+def test_an_unreadable_cache_entry_is_a_clear_error(sni_fixture, tmp_path):
+    build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=tmp_path)
+    for entry in entries(tmp_path):
+        (tmp_path / "sni" / entry / "state.json").write_text("{broken")
+    with pytest.raises(ModeError, match="unreadable tokenised-data cache entry .*delete the folder"):
+        build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=tmp_path)
+
+
+def test_a_part_with_no_instances_is_an_empty_table_not_an_error(sni_fixture, tmp_path):
+    from test_tasksets import add_task
+
+    add_task(sni_fixture, "task503_single", Instances=[{"id": "only", "input": "x", "output": ["y"]}])
+    cfg = data_cfg(sni_fixture, tasks=["task503_single"], task_list_file=None)
+    for _ in range(2):  # built, then loaded from the cache
+        data = build_data(cfg, EVAL, byte_tokenizer(), cache_dir=tmp_path)
+        assert len(data.train) == 1 and len(data.eval) == 0 and data.eval.column("id") == []
