@@ -22,3 +22,12 @@ def test_held_out_run_trains_on_train_tasks_and_reports_unseen_test_tasks(sni_fi
     assert metrics["per_task"]["task900_test_only"]["category"] == "question_answering"
     assert metrics["per_category"]["question_answering"]["num_tasks"] == 1
     assert any((tmp_path / "cache" / "sni").iterdir())  # tokenised data went to paths.cache_dir
+
+
+def test_more_refuses_held_out_before_training(sni_fixture, tmp_path):
+    """MoRE routes by training task: unseen evaluation tasks have no task embedding, so refuse up front."""
+    run = tmp_path / "run"
+    proc = cli("mode.train", "model=tiny_random", "data=sni_held_out", "adapter=more", f"data.sni_dir={sni_fixture}",
+               "data.max_instances_per_task=5", "train.max_steps=2", f"hydra.run.dir={run}", check=False)
+    assert proc.returncode == 2 and "routes by training task" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (run / "adapter").exists()

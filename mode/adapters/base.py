@@ -27,6 +27,7 @@ ADAPTER_DTYPE = torch.float32
 class AdapterLayer(nn.Module):
     method: ClassVar[str]
     token_routed: ClassVar[bool] = False  # True: the delta depends on each token, so it cannot be merged
+    task_routed: ClassVar[bool] = False   # True: the delta depends on the sequence's task id (MoRE)
 
     def __init__(self, base: nn.Linear, cfg: AdapterConfig, runtime: AdapterRuntime | None = None):
         super().__init__()

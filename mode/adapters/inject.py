@@ -44,7 +44,8 @@ def apply_adapters(model: nn.Module, config, num_tasks: int | None = None) -> nn
     unmatched = [s for s in cfg.target_modules if not any(_matches(n, [s]) for n, _ in targets)]
     if unmatched:
         raise ModeError(f"adapter.target_modules entries {unmatched} match no nn.Linear in {type(model).__name__}")
-    runtime = AdapterRuntime(num_tasks=cfg.num_tasks)  # shared by reference: see runtime.py
+    # Shared by reference (see runtime.py); task ids are range-checked only where they route.
+    runtime = AdapterRuntime(num_tasks=cfg.num_tasks if layer_cls.task_routed else None)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -68,6 +68,7 @@ class TaskRankSelector(nn.Module):
 @register
 class MoRELinear(AdapterLayer):
     method = "more"
+    task_routed = True
 
     @classmethod
     def check_config(cls, cfg) -> None:
