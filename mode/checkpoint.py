@@ -217,18 +217,23 @@ class Checkpointer:
 
     def _choose(self) -> tuple[Path | None, list[tuple[Path, str]]]:
         """The newest intact checkpoint and the damaged ones newer than it (decided by the main process)."""
-        chosen, damaged = None, []
+        chosen, damaged, error = None, [], None
         if self.accelerator.is_main_process:
-            for path in reversed(list_checkpoints(self.root)):
-                problem = verify(path, self.accelerator.num_processes)
-                if problem is None:
-                    chosen = path
-                    break
-                damaged.append((path, problem))
-        if self.accelerator.num_processes > 1:
+            try:
+                for path in reversed(list_checkpoints(self.root)):
+                    problem = verify(path, self.accelerator.num_processes)
+                    if problem is None:
+                        chosen = path
+                        break
+                    damaged.append((path, problem))
+            except ModeError as err:
+                error = str(err)
+        if self.accelerator.num_processes > 1:  # every process must load the same checkpoint, or fail alike
             from accelerate.utils import broadcast_object_list
 
-            chosen, damaged = broadcast_object_list([chosen, damaged])
+            chosen, damaged, error = broadcast_object_list([chosen, damaged, error])
+        if error:
+            raise ModeError(error)
         return chosen, damaged
 
     def _check_rng_restored(self, path: Path) -> None:

@@ -6,7 +6,8 @@ FAULT:
   kill-at-step       SIGKILL when step STEP (0-based) is about to start
   term-at-step       SIGTERM to itself when step STEP is about to start (a cluster preemption)
   kill-in-write      SIGKILL half-way through writing optimizer.bin of the checkpoint of step STEP
---when KEY=VALUE injects only into the job whose config has that value (e.g. one job of a sweep).
+--when KEY=VALUE injects only into the job whose config has that value (e.g. one job of a sweep);
+--when rank=N only into process N of a multi-process run (torchrun sets RANK).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def main() -> None:
     original_train = mode.train._train
 
     def train(cfg, run_dir, stop):
-        armed["on"] = when is None or str(OmegaConf.select(cfg, when[0])) == when[1]
+        value = os.environ.get("RANK", "0") if when and when[0] == "rank" else when and OmegaConf.select(cfg, when[0])
+        armed["on"] = when is None or str(value) == when[1]
         return original_train(cfg, run_dir, stop)
 
     mode.train._train = train

@@ -13,6 +13,7 @@ import signal
 
 import pytest
 from conftest import write_sni_fixture
+from safetensors import safe_open
 from tiny_runs import adapter_bytes, mode_train, run_with_fault, tiny_cfg, tiny_overrides
 
 from mode.checkpoint import list_checkpoints, verify
@@ -86,7 +87,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sni, reference, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
     assert "interrupted: stopped after step 3 of 6" in proc.stderr and "Traceback" not in proc.stderr
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002", "step-00000003"]
-    assert verify(run / "checkpoints" / "step-00000003", 1) is None
+    checkpoint = run / "checkpoints" / "step-00000003"
+    assert verify(checkpoint, 1) is None
+    # adapter-only: optimizer, scheduler, progress, RNG and the adapter tensors; never the base model
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl",
+        "manifest.json", "optimizer.bin", "random_states_0.pkl"]
+    with safe_open(checkpoint / "adapter_model.safetensors", "pt") as saved:
+        assert saved.keys() and all(k.endswith((".lora_A", ".lora_B")) for k in saved.keys())
     train(tiny_cfg(sni, "resume=true"), str(run))
     assert_same_run(run, reference)
 
@@ -231,3 +239,32 @@ def test_interrupted_sweep_reruns_only_unfinished_jobs(sni, tmp_path):
     assert (done / "metrics.json").stat().st_mtime_ns == finished_at  # not retrained
     assert "resuming from" in proc.stdout + proc.stderr and "step-00000002" in proc.stdout + proc.stderr
     assert (killed / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_and_resume_exactly(sni, tmp_path):
+    """torchrun, 2 CPU processes (gloo): only rank 1 gets SIGTERM, both stop after the same step with one
+    checkpoint holding both RNG states, and the resumed run equals an uninterrupted 2-process run."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    args = tiny_overrides(sni, "train.device=cpu")
+
+    def launch(*cmd):
+        return subprocess.run([*torchrun, *cmd], cwd=REPO, capture_output=True, text=True)
+
+    ref = launch("-m", "mode.train", *args, f"hydra.run.dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    proc = launch(str(REPO / "tests" / "faults.py"), "term-at-step", "2", "--when", "rank=1", "--",
+                  *args, f"hydra.run.dir={run}")
+    assert proc.returncode != 0 and "interrupted: stopped after step 3 of 6" in proc.stderr, proc.stderr[-3000:]
+    checkpoint = run / "checkpoints" / "step-00000003"
+    assert verify(checkpoint, 2) is None
+    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
+    resumed = launch("-m", "mode.train", *args, "resume=true", f"hydra.run.dir={run}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run, tmp_path / "ref")
