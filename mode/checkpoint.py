@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mode.adapters import load_adapters, save_adapters
+from mode.adapters import adapter_state_dict, load_adapters, save_adapters
 from mode.errors import ModeError
 from mode.fileio import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
@@ -148,8 +148,16 @@ class Checkpointer:
         return self.save_every > 0 and (step % self.save_every == 0 or step == max_steps)
 
     def save(self, step: int) -> Path:
-        """Write the checkpoint of `step` atomically, then keep only the newest `keep` checkpoints."""
+        """Write the checkpoint of `step` atomically, then keep only the newest `keep` checkpoints.
+
+        Refuses non-finite adapter weights (a finite loss can still come with an inf gradient that
+        turns the weights into NaN): a checkpoint called good must be one to resume from.
+        """
         acc = self.accelerator
+        bad = [name for name, t in adapter_state_dict(self.model).items() if not torch.isfinite(t).all()]
+        if bad:
+            raise ModeError(f"adapter weights are not finite after step {step} ({bad[0]} and {len(bad) - 1} more); "
+                            f"{self.describe_last()}; lower train.lr or check the data, and start a new run")
         final = self.root / checkpoint_name(step)
         partial = self.root / f".{final.name}.partial"
         try:

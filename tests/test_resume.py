@@ -195,6 +195,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sni, tmp_path, monkey
     assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
 
 
+def test_non_finite_weights_are_never_checkpointed(sni, tmp_path, monkeypatch):
+    import torch
+
+    run = tmp_path / "run"
+    original, steps = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):  # a finite loss whose update still breaks the weights (an inf gradient)
+        out = original(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 4:
+            self.param_groups[0]["params"][0].data.fill_(torch.inf)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(ModeError, match=r"adapter weights are not finite after step 4 .* the last good checkpoint is "
+                                        r".*step-00000002"):
+        train(tiny_cfg(sni), str(run))
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002"]
+
+
 def test_resume_with_other_settings_is_refused(sni, tmp_path, monkeypatch):
     run = tmp_path / "run"
     crash_at_step(monkeypatch, 3)
