@@ -169,7 +169,7 @@ class Checkpointer:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 seal(partial, step, acc.num_processes)
-                if final.exists():  # a damaged copy of this step, set aside by resume()
+                if final.exists():  # an earlier attempt's copy of this step: this one replaces it
                     shutil.rmtree(final)
                 os.replace(partial, final)
                 fsync_dir(self.root)
@@ -210,7 +210,9 @@ class Checkpointer:
         for path, problem in damaged:
             log.warning("checkpoint unusable, falling back to an earlier one: %s", problem)
             if acc.is_main_process:
-                os.replace(path, path.with_name(path.name + ".corrupt"))
+                aside = path.with_name(path.name + ".corrupt")
+                shutil.rmtree(aside, ignore_errors=True)  # the same step damaged in an earlier attempt
+                os.replace(path, aside)
         acc.wait_for_everyone()
         if chosen is None:
             return None

@@ -117,7 +117,7 @@ def test_crash_during_evaluation_resumes_without_retraining(sni, reference, tmp_
     assert_same_run(run, reference)
 
 
-def test_corrupt_checkpoint_falls_back_to_the_previous_one(sni, reference, tmp_path, monkeypatch):
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(sni, reference, tmp_path, monkeypatch, caplog):
     run = tmp_path / "run"
     crash_at_step(monkeypatch, 5)
     with pytest.raises(SimulatedCrash):
@@ -128,6 +128,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(sni, reference, tmp_p
     data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle of the file
     damaged.write_bytes(bytes(data))
     train(tiny_cfg(sni, "resume=true"), str(run))
+    assert f"{damaged}: contents differ from the manifest (corrupt)" in caplog.text
     assert_same_run(run, reference)  # restarted from step 2 and still exact
 
 
