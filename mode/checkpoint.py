@@ -128,6 +128,8 @@ class Checkpointer:
         self.model, self.progress = model, progress
         self.save_every, self.keep = save_every, keep
         self.last: Path | None = None  # the newest complete checkpoint of this run
+        # accelerate logs one INFO line per file of every checkpoint; ours says the one thing that matters.
+        logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
         accelerator.register_for_checkpointing(scheduler, progress)
         accelerator.register_save_state_pre_hook(self._save_adapter_not_model)
         accelerator.register_load_state_pre_hook(self._load_adapter_not_model)
