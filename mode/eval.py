@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from mode import config as mode_config
+from mode.adapters.runtime import adapter_context
 from mode.data.collate import collate_prompts
 from mode.errors import ModeError, exit_on_user_error
 from mode.fileio import atomic_write_text
@@ -29,10 +31,11 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-             device, desc: str = "evaluating") -> list[str]:
+             device, desc: str = "evaluating", task_ids: list[int] | None = None) -> list[str]:
     """Greedy continuations of token-id prompts (left padding, KV cache), in the prompts' order.
 
     Prompts are batched longest first, so batches hold similar lengths and the largest comes first.
+    `task_ids` (one per prompt) reach the adapters of each batch (MoRE routes by task).
     """
     from transformers import GenerationConfig
 
@@ -46,7 +49,9 @@ def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_ne
         rows = order[start : start + batch_size]
         batch = collate_prompts([prompts[i] for i in rows], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        generated = model.generate(**batch, generation_config=gen_cfg)
+        tasks = torch.tensor([task_ids[i] for i in rows], device=device) if task_ids is not None else None
+        with adapter_context(model, task_ids=tasks, attention_mask=batch["attention_mask"]):
+            generated = model.generate(**batch, generation_config=gen_cfg)
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text.strip()
@@ -61,7 +66,7 @@ def evaluate(model, tokenizer, examples: list[dict], eval_cfg, accelerator=None)
     start = time.perf_counter()
     mine = examples[rank::world]
     texts = generate(model, tokenizer, [e["prompt_ids"] for e in mine], eval_cfg.batch_size,
-                     eval_cfg.max_new_tokens, device)
+                     eval_cfg.max_new_tokens, device, task_ids=[e["task_index"] for e in mine])
     rows = [{"id": e["id"], "task": e["task"], "prediction": t, "references": e["references"]}
             for e, t in zip(mine, texts)]
     if world > 1:
@@ -91,8 +96,9 @@ def score(rows: list[dict], categories: dict[str, list[str]] | None = None) -> d
 TIMING_KEYS = ("train_time_s", "eval_time_s")
 
 
-def write_results(out_dir, metrics: dict, rows: list[dict]) -> None:
-    """predictions.jsonl, timings.json, then metrics.json (last: its presence marks a finished run).
+def write_results(out_dir, metrics: dict, rows: list[dict], routing: dict | None = None) -> None:
+    """predictions.jsonl, routing.json (mixtures: routing statistics of the evaluation), timings.json and
+    metrics.json, last: its presence marks a finished run.
 
     Wall-clock times go to timings.json so that metrics.json is a function of config and seed alone:
     the same run repeated on CPU writes an identical file.
@@ -100,6 +106,10 @@ def write_results(out_dir, metrics: dict, rows: list[dict]) -> None:
     out_dir = Path(out_dir)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     atomic_write_text(out_dir / "predictions.jsonl", lines)
+    if routing:  # indented, with each list of numbers on one line
+        text = re.sub(r"\[\s+([-0-9.e,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                      json.dumps(routing, indent=2))
+        atomic_write_text(out_dir / "routing.json", text + "\n")
     timings = {k: v for k, v in metrics.items() if k in TIMING_KEYS}
     atomic_write_text(out_dir / "timings.json", json.dumps(timings, indent=2, sort_keys=True) + "\n")
     results = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
@@ -124,6 +134,7 @@ def _run_config(cfg: DictConfig) -> DictConfig:
 
 def evaluate_run(cfg: DictConfig, out_dir: str) -> dict:
     from mode.adapters import apply_adapters, load_adapters, read_adapter_config
+    from mode.adapters.diagnostics import AdapterDiagnostics
     from mode.data.dataset import build_data
     from mode.models import load_model_and_tokenizer
 
@@ -137,8 +148,14 @@ def evaluate_run(cfg: DictConfig, out_dir: str) -> dict:
     device = torch.device(run_cfg.eval.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     data = build_data(run_cfg.data, run_cfg.eval, tokenizer, need_train=False)
+    trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("tasks")
+    if saved.method == "more" and trained_on is not None and trained_on != data.tasks:
+        raise ModeError(f"{adapter_dir}: the MoRE adapter was trained on other tasks (or another order) than "
+                        f"data.tasks gives now ({len(trained_on)} vs {len(data.tasks)}); task ids would not match")
+    diagnostics = AdapterDiagnostics(model)
+    diagnostics.start()
     metrics, rows = evaluate(model, tokenizer, data.eval, run_cfg.eval)
-    write_results(out_dir, metrics, rows)
+    write_results(out_dir, metrics, rows, diagnostics.summary(tasks=data.tasks))
     print(f"ROUGE-L {metrics['rougeL']:.2f}  exact match {metrics['exact_match']:.2f}  "
           f"({metrics['num_instances']} instances) -> {out_dir}", flush=True)
     original = run_dir / "metrics.json"

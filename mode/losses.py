@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mode.adapters.runtime import adapter_context
 from mode.data.collate import IGNORE_INDEX
 
 
@@ -14,19 +15,25 @@ class AnswerLoss(nn.Module):
 
     The output head runs only at answer positions: prompts are long and answers short, so this skips
     most of the [tokens x vocab] logits (the largest matmul of a small model). DDP/FSDP wrap this module,
-    so everything the backward pass needs happens inside its forward.
+    so everything the backward pass needs happens inside its forward. `task_ids` reach the adapters
+    (MoRE routes by task); adapter auxiliary losses are added to the sum.
     """
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    def forward(self, input_ids, attention_mask, labels, task_ids=None):
+        with adapter_context(self.lm, task_ids=task_ids, attention_mask=attention_mask) as adapters:
+            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            aux = adapters.aux_loss() if adapters is not None else None
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
         softcap = getattr(self.lm.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        if aux is not None:  # a mean (MoRE's contrastive term): scaled by this batch's answer tokens, so the
+            loss = loss + aux * keep.sum()  # caller's division by answer tokens gives L_gen + aux
+        return loss

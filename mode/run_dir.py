@@ -20,8 +20,8 @@ NEW, UNFINISHED, FINISHED = "new", "unfinished", "finished"
 
 # What a run writes (Hydra's own .hydra/ record excepted); `force=true` removes these first, the
 # finished marker before anything else so that an interrupted removal never looks like a finished run.
-RUN_OUTPUTS = (FINISHED_MARKER, "predictions.jsonl", "timings.json", "adapter", "checkpoints", "evals",
-               "wandb", "data_stats.json", STARTED_MARKER)
+RUN_OUTPUTS = (FINISHED_MARKER, "predictions.jsonl", "routing.json", "timings.json", "adapter", "checkpoints",
+               "evals", "wandb", "data_stats.json", STARTED_MARKER)
 
 
 def run_state(run_dir) -> str:

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from mode import config as mode_config
-from mode.adapters import apply_adapters, count_adapter_parameters, save_adapters
+from mode.adapters import apply_adapters, checkpoint_context_fn, count_adapter_parameters, save_adapters
+from mode.adapters.diagnostics import AdapterDiagnostics
 from mode.checkpoint import Checkpointer, TrainingProgress, data_fingerprint
 from mode.data.collate import collate_train
 from mode.data.dataset import build_data
@@ -96,16 +97,19 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
 
     set_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.gradient_checkpointing:  # the context_fn gives recomputed adapters their batch's task ids
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": checkpoint_context_fn(model)})
+    data = build_data(cfg.data, cfg.eval, tokenizer)
     torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading consumed
-    apply_adapters(model, cfg.adapter)
+    apply_adapters(model, cfg.adapter, num_tasks=len(data.tasks))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = count_adapter_parameters(model)
     n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     n_base_non_embedding = non_embedding_parameters(model)
+    diagnostics = AdapterDiagnostics(model)  # routing entropy / expert usage, logged with the loss
+    diagnostics.start()
 
-    data = build_data(cfg.data, cfg.eval, tokenizer)
     log.info("%d tasks, %d training / %d evaluation instances; %s trainable adapter parameters",
              len(data.tasks), len(data.train), len(data.eval), f"{n_trainable:,}")
 
@@ -130,6 +134,10 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
     logger.summary({"trainable_parameters": n_trainable, "base_parameters": n_base})
 
     answer_tokens = [len(e["input_ids"]) - e["prompt_length"] for e in data.train]
+
+    def reduce(t):  # routing statistics: summed over processes
+        return accelerator.reduce(t, reduction="sum")
+
     pad_id = tokenizer.pad_token_id
     loss_module.train()
     bar = tqdm(total=cfg.train.max_steps, initial=progress.step, desc="training", unit="step", disable=not is_main)
@@ -148,7 +156,7 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             sync = k == len(groups) - 1
             with accelerator.no_sync(loss_module) if not sync else contextlib.nullcontext():
-                loss_sum = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                loss_sum = loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["task_ids"])
                 # DDP averages gradients over processes, hence the world-size factor.
                 accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
             step_loss += loss_sum.detach()
@@ -170,7 +178,7 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
             elapsed = time.perf_counter() - window_start
             logger.log({"train/loss": window_loss / window_steps, "train/lr": scheduler.get_last_lr()[0],
-                        "train/step_time_s": elapsed / window_steps}, step=step + 1)
+                        "train/step_time_s": elapsed / window_steps, **diagnostics.scalars(reduce)}, step=step + 1)
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         progress.step, progress.last_loss, progress.train_time_s = step + 1, last_loss, time.perf_counter() - train_start
         signum = stop.requested(accelerator)
@@ -187,14 +195,17 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
 
     accelerator.wait_for_everyone()
     if is_main:
-        save_adapters(model, run_dir / "adapter", extra={"base_model": cfg.model.name_or_path, "model_id": cfg.model.id})
+        save_adapters(model, run_dir / "adapter", extra={"base_model": cfg.model.name_or_path, "model_id": cfg.model.id,
+                                                         "tasks": data.tasks})
+    diagnostics.reset()
     metrics, predictions = evaluate(model, tokenizer, data.eval, cfg.eval, accelerator)
+    routing = diagnostics.summary(reduce, tasks=data.tasks)
     if is_main:
         metrics.update({"trainable_parameters": n_trainable, "base_parameters": n_base,
                         "base_non_embedding_parameters": n_base_non_embedding,
                         "train_steps": cfg.train.max_steps, "train_loss": last_loss,
                         "train_time_s": round(train_time, 1)})
-        write_results(run_dir, metrics, predictions)
+        write_results(run_dir, metrics, predictions, routing)
         checkpointer.remove_all()  # the run is finished: its adapter is in adapter/, it is never resumed
         logger.summary({f"eval/{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
         logger.table("eval/per_task", ["task", "rougeL", "exact_match"],

@@ -99,6 +99,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sni, reference, tmp_path):
     assert_same_run(run, reference)
 
 
+@pytest.mark.parametrize("method", ["molora", "molora_sd", "mode", "more"])
+def test_every_adapter_method_resumes_exactly(sni, tmp_path, monkeypatch, method):
+    """Routers, selectors and task embeddings are restored with the rest (in-process crash at step 3)."""
+    overrides = [f"adapter={method}", "adapter.rank=4"] + (["adapter.experts=2"] if method != "more" else [])
+    train(tiny_cfg(sni, *overrides), str(tmp_path / "reference"))
+    crash_at_step(monkeypatch, 3)
+    with pytest.raises(SimulatedCrash):
+        train(tiny_cfg(sni, *overrides), str(tmp_path / "run"))
+    monkeypatch.undo()
+    train(tiny_cfg(sni, *overrides, "resume=true"), str(tmp_path / "run"))
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
 def test_crash_during_evaluation_resumes_without_retraining(sni, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
 

@@ -4,7 +4,8 @@
 
 Subclasses (one module per method) define their parameters, `delta` and, where the delta does not
 depend on the token, `delta_weight` for merging. Adapter parameters stay float32 under a bf16/fp16
-base (the input is cast up, the delta cast back), as PEFT does.
+base (the input is cast up, the delta cast back), as PEFT does; router logits are computed in float32
+with autocast off, so mixed precision never touches the routing decision.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mode.adapters.config import AdapterConfig
+from mode.adapters.runtime import AdapterRuntime
 from mode.errors import ModeError
 
 ADAPTER_DTYPE = torch.float32
@@ -25,21 +28,31 @@ class AdapterLayer(nn.Module):
     method: ClassVar[str]
     token_routed: ClassVar[bool] = False  # True: the delta depends on each token, so it cannot be merged
 
-    def __init__(self, base: nn.Linear, cfg: AdapterConfig):
+    def __init__(self, base: nn.Linear, cfg: AdapterConfig, runtime: AdapterRuntime | None = None):
         super().__init__()
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = cfg.rank
         self.scale = cfg.scale
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.runtime = runtime if runtime is not None else AdapterRuntime()  # shared by all layers of a model
         self.merged = False
+        self.routing_sums: torch.Tensor | None = None  # diagnostics.py: usage, entropy and token sums
 
     # -- what a method provides -------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: AdapterConfig) -> None:
+        """Reject keys that mean nothing for this method (a silent ignore would mislabel the run)."""
+        for key in ("experts", "block_rank"):
+            if getattr(cfg, key) != 1:
+                raise ModeError(f"adapter.{key}={getattr(cfg, key)} has no meaning for adapter.method="
+                                f"{cfg.method!r}; leave it at 1")
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The unscaled adapter output for input `x` [..., P] -> [..., Q]."""
         raise NotImplementedError
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, task: int | None = None) -> torch.Tensor:
         """The unscaled delta as a [Q, P] matrix, for merging into the base weight."""
         raise ModeError(
             f"adapter.method={self.method!r} routes every token to its own mixture of experts, so it "
@@ -63,6 +76,36 @@ class AdapterLayer(nn.Module):
         else:
             nn.init.normal_(weight, std=cfg.init_std)
 
+    @staticmethod
+    def init_normal(weight: torch.Tensor, std: float) -> None:
+        """Routers and selectors: N(0, std) (MoLoRA reference: 0.02). Never zero, or experts stay identical."""
+        if not weight.is_meta:
+            nn.init.normal_(weight, std=std)
+
+    def gates(self, x: torch.Tensor, router: torch.Tensor, blocks: int) -> torch.Tensor:
+        """Softmax routing weights [T, blocks, m] for inputs x [T, P], every block's router in one matmul.
+
+        `router` is [blocks, m, P] (or [m, P] for one block); logits are float32 with autocast off.
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.to(torch.float32), router.reshape(-1, router.shape[-1]))
+        gates = logits.view(x.shape[0], blocks, -1).softmax(dim=-1)
+        if self.runtime.track_routing and not self.runtime.recomputing:
+            self.record_routing(gates.detach())
+        return gates
+
+    @torch.no_grad()
+    def record_routing(self, gates: torch.Tensor) -> None:
+        """Accumulate expert usage (mean gate) and routing entropy over real tokens; a few reductions."""
+        tokens, blocks, experts = gates.shape
+        weights = self.runtime.token_weights(tokens)
+        if weights is None:
+            weights = torch.ones(tokens, device=gates.device)
+        entropy = -(gates * gates.clamp_min(1e-30).log()).sum(-1)                 # [T, blocks]
+        usage = torch.einsum("t,tbm->bm", weights, gates)                          # [blocks, m]
+        sums = torch.cat([usage.reshape(-1), (weights @ entropy).reshape(-1), weights.sum().reshape(1)])
+        self.routing_sums = sums if self.routing_sums is None else self.routing_sums + sums
+
     @property
     def weight(self) -> torch.Tensor:  # code that reads `proj.weight` keeps working on a wrapped layer
         return self.base_layer.weight
@@ -79,12 +122,12 @@ class AdapterLayer(nn.Module):
         return out + (self.scale * delta).to(out.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, task: int | None = None) -> None:
         """Fold s * delta_weight into the base weight (float32 arithmetic) and stop adding the branch."""
         if self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.scale * self.delta_weight()).to(weight.dtype))
+        weight.copy_((weight.float() + self.scale * self.delta_weight(task)).to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -92,8 +135,11 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.scale * self.delta_weight()).to(weight.dtype))
+        weight.copy_((weight.float() - self.scale * self.delta_weight(self.merged_task())).to(weight.dtype))
         self.merged = False
+
+    def merged_task(self) -> int | None:
+        return None
 
     def extra_repr(self) -> str:
         return f"method={self.method}, rank={self.rank}, scale={self.scale:g}"

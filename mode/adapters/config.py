@@ -19,7 +19,10 @@ class AdapterConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     init_A: str = "kaiming_uniform"    # kaiming_uniform (PEFT's LoRA default) | normal (N(0, init_std))
     init_std: float = 0.02
-    router_init_std: float = 0.02      # routers ~ N(0, router_init_std) (MoLoRA reference code)
+    router_init_std: float = 0.02      # routers (and MoRE's selector) ~ N(0, router_init_std) (MoLoRA reference)
+    num_tasks: int | None = None       # MoRE: tasks the selector knows (mode-train sets it from the data)
+    contrastive_weight: float = 0.1    # MoRE: L = L_gen + contrastive_weight * L_con (paper: 0.1)
+    contrastive_temperature: float = 0.05  # MoRE: temperature of the contrastive loss (paper: 0.05)
     extra: dict = field(default_factory=dict)  # method-specific options (see conf/adapter/<method>.yaml)
 
     @classmethod
@@ -57,6 +60,9 @@ class AdapterConfig:
             raise ModeError("adapter.target_modules is empty")
         if self.init_A not in ("kaiming_uniform", "normal"):
             raise ModeError(f"adapter.init_A={self.init_A!r} is not one of ['kaiming_uniform', 'normal']")
+        if self.num_tasks is not None and (not isinstance(self.num_tasks, int) or self.num_tasks < 1):
+            raise ModeError(f"adapter.num_tasks={self.num_tasks!r} must be an integer >= 1 (or null)")
+        METHODS[self.method].check_config(self)
 
     @property
     def scale(self) -> float:

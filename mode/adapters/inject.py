@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from torch import nn
@@ -9,6 +10,7 @@ from torch import nn
 from mode.adapters.base import AdapterLayer
 from mode.adapters.config import AdapterConfig
 from mode.adapters.registry import METHODS
+from mode.adapters.runtime import AdapterRuntime
 from mode.errors import ModeError
 
 
@@ -16,9 +18,16 @@ def _matches(name: str, suffixes: list[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def apply_adapters(model: nn.Module, config) -> nn.Module:
-    """Wrap every nn.Linear whose module name ends with a target suffix; freeze every base parameter."""
+def apply_adapters(model: nn.Module, config, num_tasks: int | None = None) -> nn.Module:
+    """Wrap every nn.Linear whose module name ends with a target suffix; freeze every base parameter.
+
+    `num_tasks` (the training data's task count) sizes MoRE's per-task selector; other methods record it.
+    """
     cfg = AdapterConfig.from_mapping(config)
+    if num_tasks is not None:
+        if cfg.num_tasks is not None and cfg.num_tasks != num_tasks:
+            raise ModeError(f"adapter.num_tasks={cfg.num_tasks} but the data has {num_tasks} tasks")
+        cfg = dataclasses.replace(cfg, num_tasks=num_tasks)
     layer_cls = METHODS[cfg.method]
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ModeError("the model already has adapters; load a fresh base model")
@@ -35,11 +44,13 @@ def apply_adapters(model: nn.Module, config) -> nn.Module:
     unmatched = [s for s in cfg.target_modules if not any(_matches(n, [s]) for n, _ in targets)]
     if unmatched:
         raise ModeError(f"adapter.target_modules entries {unmatched} match no nn.Linear in {type(model).__name__}")
+    runtime = AdapterRuntime(num_tasks=cfg.num_tasks)  # shared by reference: see runtime.py
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer_cls(linear, cfg))
+        setattr(parent, child, layer_cls(linear, cfg, runtime))
     model.adapter_config = cfg
+    model.adapter_runtime = runtime
     return model
 
 
@@ -64,9 +75,11 @@ def count_adapter_parameters(model: nn.Module) -> int:
     )
 
 
-def merge_adapters(model: nn.Module) -> None:
+def merge_adapters(model: nn.Module, task: int | None = None) -> None:
+    """Fold the adapters into the base weights (no extra inference cost). MoRE merges one task's adapter
+    (`task` = its index); token-routed mixtures cannot be merged and raise before any weight changes."""
     for _, layer in adapter_layers(model):
-        layer.merge()
+        layer.merge(task)
 
 
 def unmerge_adapters(model: nn.Module) -> None:

@@ -61,8 +61,6 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
     current: AdapterConfig | None = getattr(model, "adapter_config", None)
     if current is None:
         raise ModeError(f"{directory}: the model has no adapters; call apply_adapters(model, config) first")
-    if saved.method != current.method:
-        raise ModeError(f"{directory}: adapter method is {saved.method!r} but the model has {current.method!r}")
     weights = directory / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights))
@@ -71,18 +69,27 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ModeError(f"{weights}: unreadable ({err})") from err
     expected = adapter_state_dict(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise ModeError(f"{weights}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    if unexpected:
-        raise ModeError(f"{weights}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
-    for key, target in expected.items():
-        if tuple(tensors[key].shape) != tuple(target.shape):
-            raise ModeError(
-                f"{weights}: tensor {key!r} has shape {list(tensors[key].shape)}, the model expects {list(target.shape)}"
-            )
+    problem = _first_mismatch(expected, tensors)
+    if saved.method != current.method:
+        raise ModeError(f"{directory}: adapter method is {saved.method!r} but the model has {current.method!r}"
+                        + (f" ({problem})" if problem else ""))
+    if problem:
+        raise ModeError(f"{weights}: {problem}")
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
     return model
+
+
+def _first_mismatch(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first missing, unexpected or wrongly shaped tensor, named; None when the sets agree."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        return f"missing tensor {missing[0]!r} ({len(missing)} missing in all)"
+    if unexpected:
+        return f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)"
+    for key, target in expected.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            return f"tensor {key!r} has shape {list(tensors[key].shape)}, the model expects {list(target.shape)}"
+    return None

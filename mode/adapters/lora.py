@@ -13,8 +13,8 @@ from mode.adapters.registry import register
 class LoRALinear(AdapterLayer):
     method = "lora"
 
-    def __init__(self, base, cfg):
-        super().__init__(base, cfg)
+    def __init__(self, base, cfg, runtime=None):
+        super().__init__(base, cfg, runtime)
         self.lora_A = self.new_parameter(cfg.rank, self.in_features)                # [r, P]
         self.lora_B = self.new_parameter(self.out_features, cfg.rank, zeros=True)   # [Q, r]
         self.init_down_projection(self.lora_A, cfg)
@@ -22,5 +22,5 @@ class LoRALinear(AdapterLayer):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, task: int | None = None) -> torch.Tensor:
         return self.lora_B @ self.lora_A

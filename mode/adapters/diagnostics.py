@@ -1,0 +1,120 @@
+"""Routing diagnostics: what users of mixtures ask first — do the routers use their experts, or collapse?
+
+Token-routed layers (MoLoRA, MoLoRA-SD, MoDE) add running sums to themselves inside the forward they
+run anyway (base.py `record_routing`: a few reductions of the gates, no extra forward): per router
+block, the gate mass each expert received and the routing entropy, over real (unpadded) tokens.
+MoRE's routing is per task, so its summary is the rank each task currently selects in each layer.
+
+    diagnostics = AdapterDiagnostics(model); diagnostics.start()
+    ... forward passes ...
+    logger.log(diagnostics.scalars())          # per-layer scalars for W&B; starts a new window
+    write(diagnostics.summary(tasks=names))    # the full record (routing.json)
+
+With several processes, pass `reduce` (e.g. `lambda t: accelerator.reduce(t, "sum")`); every process
+must then call it, as with any collective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from mode.adapters.inject import adapter_layers
+from mode.adapters.runtime import runtime_of
+
+Reduce = Callable[[torch.Tensor], torch.Tensor] | None
+
+
+class AdapterDiagnostics:
+    def __init__(self, model):
+        self.runtime = runtime_of(model)
+        layers = list(adapter_layers(model))
+        self.routed = [(path, layer) for path, layer in layers if layer.token_routed]
+        self.task_routed = [(path, layer) for path, layer in layers if hasattr(layer, "selector")]
+
+    def start(self) -> None:
+        """Accumulate routing statistics from now on (until `stop`)."""
+        if self.runtime is not None and self.routed:
+            self.runtime.track_routing = True
+
+    def stop(self) -> None:
+        if self.runtime is not None:
+            self.runtime.track_routing = False
+
+    def reset(self) -> None:
+        for _, layer in self.routed:
+            layer.routing_sums = None
+        if self.runtime is not None:
+            self.runtime.aux_history.clear()
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _sums(self, reduce: Reduce) -> list[torch.Tensor]:
+        """Each routed layer's [blocks*m usage, blocks entropy, 1 tokens] sums, reduced over processes."""
+        parts = []
+        for _, layer in self.routed:
+            blocks, experts = routing_shape(layer)
+            sums = layer.routing_sums
+            if sums is None:
+                sums = torch.zeros(blocks * experts + blocks + 1, device=layer.lora_A.device)
+            parts.append(sums)
+        if not parts:
+            return []
+        flat = torch.cat(parts)
+        if reduce is not None:
+            flat = reduce(flat)
+        return list(flat.detach().cpu().split([p.numel() for p in parts]))
+
+    def summary(self, reduce: Reduce = None, tasks: list[str] | None = None) -> dict:
+        """Per-layer routing record since the last reset: JSON-ready (routing.json)."""
+        out: dict = {}
+        if self.routed:
+            layers = {}
+            for (path, layer), sums in zip(self.routed, self._sums(reduce)):
+                blocks, experts = routing_shape(layer)
+                tokens = float(sums[-1])
+                usage = sums[: blocks * experts].view(blocks, experts) / max(tokens, 1.0)
+                entropy = float(sums[blocks * experts : -1].mean()) / max(tokens, 1.0)
+                layers[path] = {
+                    "tokens": int(round(tokens)),
+                    "entropy": round(entropy, 6),  # nats, mean over tokens and router blocks
+                    "normalized_entropy": round(entropy / math.log(experts), 6) if experts > 1 else 0.0,
+                    "max_usage": round(float(usage.max(dim=-1).values.mean()), 6),  # 1/m balanced .. 1 collapsed
+                    "usage": [[round(float(u), 6) for u in row] for row in usage],   # [block][expert]
+                }
+            out["routed_layers"] = layers
+            out["mean_normalized_entropy"] = round(
+                sum(v["normalized_entropy"] for v in layers.values()) / len(layers), 6)
+            out["mean_max_usage"] = round(sum(v["max_usage"] for v in layers.values()) / len(layers), 6)
+        if self.task_routed:
+            ranks = {path: layer.selector.ranks().cpu().tolist() for path, layer in self.task_routed}
+            names = tasks or [str(t) for t in range(len(next(iter(ranks.values()))))]
+            out["task_ranks"] = {path: dict(zip(names, r)) for path, r in ranks.items()}
+            out["mean_rank"] = round(sum(sum(r) for r in ranks.values()) / sum(len(r) for r in ranks.values()), 4)
+        return out
+
+    def scalars(self, reduce: Reduce = None) -> dict[str, float]:
+        """Flat per-layer scalars for the experiment logger over the window since the last call; resets it."""
+        summary = self.summary(reduce)
+        out: dict[str, float] = {}
+        if "routed_layers" in summary:
+            out["routing/normalized_entropy"] = summary["mean_normalized_entropy"]
+            out["routing/max_usage"] = summary["mean_max_usage"]
+            for path, record in summary["routed_layers"].items():
+                out[f"routing/normalized_entropy/{path}"] = record["normalized_entropy"]
+                out[f"routing/max_usage/{path}"] = record["max_usage"]
+        if "task_ranks" in summary:
+            out["routing/mean_rank"] = summary["mean_rank"]
+        if self.runtime is not None:
+            for name, values in self.runtime.aux_history.items():
+                if values:
+                    out[f"train/{name}_loss"] = sum(values) / len(values)
+        self.reset()
+        return out
+
+
+def routing_shape(layer) -> tuple[int, int]:
+    """(router blocks, experts) of a token-routed layer."""
+    experts = layer.experts
+    return layer.router.numel() // (experts * layer.in_features), experts

@@ -1,0 +1,63 @@
+"""MoDE m x r x p (Ning et al. 2025): a shared down-projection A and, for every rank slot j, m alternative
+up-projection columns b_j^1..b_j^m ("dyadic experts" b_j^i a_j^T), mixed per token.
+
+    h = A x;  G[k] = softmax(router[k] x) for each block k of p consecutive slots
+    y = W0 x + s * sum_j h_j * sum_i G[j // p][i] * B[i][:, j]
+
+Fused: h once ([T, r]); all r/p routers in one matmul; z = h (x) G laid out [T, r*m] without expanding
+the blocks; one [Q, r*m] matmul. MoDE 1 x r x r is LoRA, MoDE m x r x r is MoLoRA-SD, exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from mode.adapters.base import AdapterLayer
+from mode.adapters.registry import register
+
+
+def dyadic_mixture(layer: AdapterLayer, x: torch.Tensor, block_rank: int) -> torch.Tensor:
+    """The fused MoDE delta for x [..., P] with lora_A [r, P], lora_B [m, Q, r], router [(r/p), m, P]."""
+    m, Q, r = layer.lora_B.shape
+    blocks = r // block_rank
+    flat = x.reshape(-1, x.shape[-1])
+    h = F.linear(flat, layer.lora_A)                                        # [T, r]
+    g = layer.gates(flat, layer.router, blocks=blocks)                      # [T, r/p, m]
+    z = (h.view(-1, blocks, block_rank, 1) * g.unsqueeze(2)).reshape(-1, r * m)  # slot-major (j, i)
+    out = F.linear(z, layer.lora_B.permute(1, 2, 0).reshape(Q, r * m))    # column (j, i) = B[i][:, j]
+    return out.view(*x.shape[:-1], Q)
+
+
+@register
+class MoDELinear(AdapterLayer):
+    method = "mode"
+    token_routed = True
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        pass  # every (experts, rank, block_rank) with block_rank | rank is valid (checked in AdapterConfig)
+
+    def __init__(self, base, cfg, runtime=None):
+        super().__init__(base, cfg, runtime)
+        self.experts, self.block_rank = cfg.experts, self.block_rank_for(cfg)
+        m, r, P, Q = cfg.experts, cfg.rank, self.in_features, self.out_features
+        self.lora_A = self.new_parameter(r, P)                   # [r, P], shared by all experts
+        self.lora_B = self.new_parameter(m, Q, r, zeros=True)     # [m, Q, r]
+        self.router = self.new_parameter(*self.router_shape(cfg), P)
+        self.init_down_projection(self.lora_A, cfg)
+        self.init_normal(self.router, cfg.router_init_std)
+
+    @staticmethod
+    def block_rank_for(cfg) -> int:
+        return cfg.block_rank
+
+    @staticmethod
+    def router_shape(cfg) -> tuple[int, ...]:
+        return (cfg.rank // cfg.block_rank, cfg.experts)        # [r/p, m, P]
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return dyadic_mixture(self, x, self.block_rank)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, experts={self.experts}, block_rank={self.block_rank}"

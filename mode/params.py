@@ -1,0 +1,145 @@
+"""Trainable-parameter table: `python -m mode.params [hydra overrides]`, e.g.
+
+    python -m mode.params model=gemma_2b adapter=mode adapter.experts=16 adapter.rank=4
+
+The base model is built from its config on the meta device, so no weights are read or downloaded; the
+adapter is applied as training would apply it, and the table shows its trainable parameters per target
+module and as a percentage of the base model's non-embedding parameters (the MoDE paper's "Add. Params").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mode.errors import ModeError, exit_on_user_error
+
+
+def architecture(model_cfg):
+    """The transformers config of a `conf/model/*.yaml` node, without weights.
+
+    A local folder's config.json; else `model.architecture` (an embedded copy, for models whose hub
+    config needs a network or a licence); else the hub.
+    """
+    from transformers import AutoConfig
+
+    if model_cfg.get("random_init"):
+        from mode.models import byte_tokenizer
+
+        spec = {k: v for k, v in dict(model_cfg.random_init).items() if k != "seed"}
+        return AutoConfig.for_model(vocab_size=len(byte_tokenizer()), **spec), "model.random_init"
+    path = str(model_cfg.get("name_or_path") or "")
+    if path and (Path(path).expanduser() / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(Path(path).expanduser())), path
+    if model_cfg.get("architecture"):
+        from omegaconf import OmegaConf
+
+        spec = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+        return AutoConfig.for_model(**spec), "model.architecture"
+    if not path:
+        raise ModeError("model.name_or_path is empty and model.architecture is not set")
+    try:
+        return AutoConfig.from_pretrained(path), path
+    except OSError as err:
+        raise ModeError(f"model.name_or_path={path!r}: config not reachable ({str(err).splitlines()[0]}); "
+                        "add a model.architecture block to the model config") from err
+
+
+def meta_model(model_cfg):
+    """The base model with every tensor on the meta device: shapes only, no memory, no download."""
+    from transformers import AutoModelForCausalLM
+
+    config, source = architecture(model_cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model, source
+
+
+def non_embedding_parameters(model) -> int:
+    """All base parameters minus the token embeddings (and an untied output head)."""
+    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    embeddings = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight}
+    head = model.get_output_embeddings()
+    if head is not None:
+        embeddings[id(head.weight)] = head.weight
+    return total - sum(w.numel() for w in embeddings.values())
+
+
+def parameter_table(cfg) -> dict:
+    """Apply cfg.adapter to cfg.model's meta-device base; rows grouped by target module and shape."""
+    from mode.adapters import apply_adapters, count_adapter_parameters
+    from mode.adapters.inject import adapter_layers
+
+    model, source = meta_model(cfg.model)
+    base_total = sum(p.numel() for p in model.parameters())
+    base = non_embedding_parameters(model)
+    num_tasks = None
+    if cfg.adapter.method == "more" and cfg.adapter.get("num_tasks") is None:
+        num_tasks = len(training_tasks(cfg.data))
+    apply_adapters(model, cfg.adapter, num_tasks=num_tasks)
+    rows: dict[tuple, dict] = {}
+    for path, layer in adapter_layers(model):
+        key = (path.rsplit(".", 1)[-1], layer.in_features, layer.out_features)
+        n = sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("base_layer."))
+        row = rows.setdefault(key, {"module": key[0], "in": key[1], "out": key[2], "layers": 0, "per_layer": n})
+        row["layers"] += 1
+    trainable = count_adapter_parameters(model)
+    return {"model": cfg.model.id, "source": source, "adapter": model.adapter_config, "base_parameters": base_total,
+            "base_non_embedding": base, "rows": list(rows.values()), "trainable": trainable,
+            "percent": 100.0 * trainable / base}
+
+
+def training_tasks(data_cfg) -> list[str]:
+    """The tasks a run would train on (MoRE's selector has one embedding per task)."""
+    from mode.data.sni import requested_tasks, select_tasks
+
+    names, source = requested_tasks(data_cfg)
+    if not Path(str(data_cfg.sni_dir)).is_dir():
+        return names  # no SNI copy here: count what the config asks for
+    return select_tasks(data_cfg.sni_dir, names, bool(data_cfg.get("allow_missing_tasks", False)), source)[0]
+
+
+def describe(adapter) -> str:
+    shapes = {"lora": f"r={adapter.rank}", "more": f"R={adapter.rank}, tasks={adapter.num_tasks}",
+              "mode": f"{adapter.experts}x{adapter.rank}x{adapter.block_rank}"}
+    return f"{adapter.method} {shapes.get(adapter.method, f'{adapter.experts}x{adapter.rank}')}"
+
+
+def format_table(t: dict) -> str:
+    lines = [f"{describe(t['adapter'])} on {t['model']} ({t['source']}), targets {t['adapter'].target_modules}",
+             f"base: {t['base_parameters']:,} parameters, {t['base_non_embedding']:,} non-embedding", ""]
+    header = f"{'module':<12}{'in':>8}{'out':>8}{'layers':>8}{'per layer':>14}{'trainable':>16}{'% non-emb':>11}"
+    lines += [header, "-" * len(header)]
+    for r in t["rows"]:
+        n = r["layers"] * r["per_layer"]
+        lines.append(f"{r['module']:<12}{r['in']:>8}{r['out']:>8}{r['layers']:>8}{r['per_layer']:>14,}{n:>16,}"
+                     f"{100 * n / t['base_non_embedding']:>10.2f}%")
+    lines += ["-" * len(header),
+              f"{'total':<12}{'':>8}{'':>8}{sum(r['layers'] for r in t['rows']):>8}{'':>14}"
+              f"{t['trainable']:>16,}{t['percent']:>10.2f}%"]
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    from mode.config import compose
+
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in overrides):
+        print(__doc__.strip())
+        return {}
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = compose("train", overrides)
+    except Exception as err:  # Hydra's override/composition errors: one line, not a traceback
+        raise ModeError(f"bad override: {str(err).splitlines()[0]}") from err
+    table = parameter_table(cfg)
+    print(format_table(table))
+    return table
+
+
+if __name__ == "__main__":
+    main()
