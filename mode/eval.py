@@ -88,9 +88,16 @@ def score(rows: list[dict], categories: dict[str, list[str]] | None = None) -> d
     return sni_report([r["prediction"] for r in rows], [r["references"] for r in rows], [r["task"] for r in rows], cats)
 
 
+TIMING_KEYS = ("train_time_s", "eval_time_s")
+
+
 def write_results(out_dir, metrics: dict, rows: list[dict], routing: dict | None = None) -> None:
-    """predictions.jsonl, routing.json (mixtures: routing statistics of the evaluation) and metrics.json,
-    last: its presence marks a finished run."""
+    """predictions.jsonl, routing.json (mixtures: routing statistics of the evaluation), timings.json and
+    metrics.json, last: its presence marks a finished run.
+
+    Wall-clock times go to timings.json so that metrics.json is a function of config and seed alone:
+    the same run repeated on CPU writes an identical file.
+    """
     out_dir = Path(out_dir)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     atomic_write_text(out_dir / "predictions.jsonl", lines)
@@ -98,7 +105,10 @@ def write_results(out_dir, metrics: dict, rows: list[dict], routing: dict | None
         text = re.sub(r"\[\s+([-0-9.e,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
                       json.dumps(routing, indent=2))
         atomic_write_text(out_dir / "routing.json", text + "\n")
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    timings = {k: v for k, v in metrics.items() if k in TIMING_KEYS}
+    atomic_write_text(out_dir / "timings.json", json.dumps(timings, indent=2, sort_keys=True) + "\n")
+    results = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 def _run_config(cfg: DictConfig) -> DictConfig:

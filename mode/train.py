@@ -25,21 +25,22 @@ from tqdm.auto import tqdm
 from mode import config as mode_config
 from mode.adapters import apply_adapters, checkpoint_context_fn, count_adapter_parameters, save_adapters
 from mode.adapters.diagnostics import AdapterDiagnostics
+from mode.checkpoint import Checkpointer, TrainingProgress, data_fingerprint
 from mode.data.collate import collate_train
 from mode.data.dataset import build_data
 from mode.data.sampling import MixtureSampler
-from mode.errors import ModeError, exit_on_user_error
+from mode.errors import ModeError, TrainingInterrupted, exit_on_user_error
 from mode.eval import evaluate, write_results
 from mode.fileio import atomic_write_text
 from mode.loggers import make_logger
 from mode.losses import AnswerLoss
 from mode.models import load_model_and_tokenizer, non_embedding_parameters
 from mode.optim import make_optimizer, make_scheduler
-from mode.run_dir import check_run_dir_is_new
+from mode.preemption import StopRequest
+from mode.run_dir import FINISHED, NEW, UNFINISHED, clear_run, finished_metrics, plan_run
+from mode.validation import PRECISIONS, check_resumable, validate_config
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def accumulation_steps(train_cfg, world_size: int) -> int:
@@ -60,22 +61,6 @@ def micro_batches(examples: list[dict], indices: list[int], rank: int, world: in
     return [share[k * micro : (k + 1) * micro] for k in range(accum)]
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Cheap checks before any model or data is loaded; each names the key and value at fault."""
-    from mode.adapters import AdapterConfig
-
-    AdapterConfig.from_mapping(cfg.adapter)
-    for key in ("max_steps", "batch_size", "micro_batch_size", "log_every"):
-        value = cfg.train[key]
-        minimum = 0 if key == "max_steps" else 1
-        if not isinstance(value, int) or value < minimum:
-            raise ModeError(f"train.{key}={value!r} must be an integer >= {minimum}")
-    if cfg.train.precision not in PRECISIONS:
-        raise ModeError(f"train.precision={cfg.train.precision!r} is not one of {list(PRECISIONS)}")
-    if not Path(str(cfg.data.sni_dir)).is_dir():
-        raise ModeError(f"data.sni_dir={str(cfg.data.sni_dir)!r}: no such folder")
-
-
 def run_name(cfg) -> str:
     a = cfg.adapter
     shape = {"lora": f"r{a.rank}", "more": f"R{a.rank}"}.get(a.method, f"{a.experts}x{a.rank}x{a.block_rank}")
@@ -83,19 +68,32 @@ def run_name(cfg) -> str:
 
 
 def train(cfg: DictConfig, run_dir: str) -> dict:
-    """Train, save the adapter, evaluate; returns the metrics written to `<run_dir>/metrics.json`."""
+    """Train, save the adapter, evaluate; returns the metrics written to `<run_dir>/metrics.json`.
+
+    Resumes from the run's last checkpoint with `resume=true`; SIGTERM/SIGINT during training saves a
+    checkpoint after the current step and raises TrainingInterrupted.
+    """
+    with StopRequest() as stop:  # puts the previous signal handlers back however training ends
+        return _train(cfg, run_dir, stop)
+
+
+def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # Every check (config, model, target modules, data) passes before the run directory gets a file.
     validate_config(cfg)
     run_dir = Path(run_dir)
-    check_run_dir_is_new(run_dir)
+    resolved = mode_config.to_container(cfg)
+    state = plan_run(run_dir, cfg.resume, cfg.force)
+    if state == FINISHED:
+        return report_finished(run_dir)
+    if state == UNFINISHED:
+        check_resumable(resolved, run_dir)
+    elif cfg.resume:
+        log.warning("resume=true: %s holds no run yet; starting one", run_dir)
     accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.train.precision], cpu=cfg.train.device == "cpu")
     is_main = accelerator.is_main_process
-    resolved = mode_config.to_container(cfg)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
     set_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -115,8 +113,6 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
     diagnostics = AdapterDiagnostics(model)  # routing entropy / expert usage, logged with the loss
     diagnostics.start()
 
-    if is_main:
-        atomic_write_text(run_dir / "data_stats.json", json.dumps(data.record(), indent=2) + "\n")
     log.info("%d tasks, %d training / %d evaluation instances; %s trainable adapter parameters",
              len(data.tasks), len(data.train), len(data.eval), f"{n_trainable:,}")
 
@@ -125,7 +121,18 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
                              cfg.data.get("sampling_temperature", 2.0))
     optimizer = make_optimizer(trainable, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
+    if is_main and state == NEW:
+        if cfg.force:
+            clear_run(run_dir)
+        atomic_write_text(run_dir / "data_stats.json", json.dumps(data.record(), indent=2) + "\n")
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))  # last: started
+    accelerator.wait_for_everyone()
     loss_module, optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
+    progress = TrainingProgress(data_fingerprint=data_fingerprint(data.train))
+    checkpointer = Checkpointer(accelerator, run_dir, model, scheduler, progress,
+                                cfg.train.save_every, cfg.train.keep_checkpoints)
+    if state == UNFINISHED and checkpointer.resume():
+        log.info("resuming from %s (step %d of %d)", checkpointer.last, progress.step, cfg.train.max_steps)
     logger = make_logger(cfg, str(run_dir), resolved, run_name(cfg), is_main)
     logger.summary({"trainable_parameters": n_trainable, "base_parameters": n_base})
 
@@ -136,11 +143,12 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
 
     pad_id = tokenizer.pad_token_id
     loss_module.train()
-    bar = tqdm(total=cfg.train.max_steps, desc="training", unit="step", disable=not is_main)
+    bar = tqdm(total=cfg.train.max_steps, initial=progress.step, desc="training", unit="step", disable=not is_main)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    train_start = time.perf_counter()
-    last_loss = float("nan")
-    for step in range(cfg.train.max_steps):
+    train_start = time.perf_counter() - progress.train_time_s  # earlier attempts of a resumed run count
+    last_loss = progress.last_loss
+    stop.listen()  # SIGTERM/SIGINT: checkpoint after the current step, then stop
+    for step in range(progress.step, cfg.train.max_steps):
         indices = sampler.indices(step)
         n_tokens = sum(answer_tokens[i] for i in indices)  # global batch: known to every rank, no all-reduce
         step_loss = torch.zeros((), device=accelerator.device)
@@ -163,7 +171,8 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
 
         step_loss = accelerator.reduce(step_loss, reduction="sum").item() / n_tokens
         if not math.isfinite(step_loss):
-            raise ModeError(f"training loss became {step_loss} at step {step + 1}; lower train.lr or check the data")
+            raise ModeError(f"training loss became {step_loss} at step {step + 1}; {checkpointer.describe_last()}; "
+                            "lower train.lr or check the data, and start a new run")
         last_loss = step_loss
         window_loss += step_loss
         window_steps += 1
@@ -174,8 +183,18 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
             logger.log({"train/loss": window_loss / window_steps, "train/lr": scheduler.get_last_lr()[0],
                         "train/step_time_s": elapsed / window_steps, **diagnostics.scalars(reduce)}, step=step + 1)
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        progress.step, progress.last_loss, progress.train_time_s = step + 1, last_loss, time.perf_counter() - train_start
+        signum = stop.requested(accelerator)
+        if checkpointer.due(step + 1, cfg.train.max_steps) or signum:
+            checkpointer.save(step + 1)
+        if signum:
+            bar.close()
+            logger.finish()
+            raise TrainingInterrupted(f"stopped after step {step + 1} of {cfg.train.max_steps}; checkpoint "
+                                      f"{checkpointer.last}; continue with resume=true hydra.run.dir={run_dir}", signum)
+    stop.restore()
     bar.close()
-    train_time = time.perf_counter() - train_start
+    train_time = progress.train_time_s
 
     accelerator.wait_for_everyone()
     if is_main:
@@ -190,6 +209,7 @@ def train(cfg: DictConfig, run_dir: str) -> dict:
                         "train_steps": cfg.train.max_steps, "train_loss": last_loss,
                         "train_time_s": round(train_time, 1)})
         write_results(run_dir, metrics, predictions, routing)
+        checkpointer.remove_all()  # the run is finished: its adapter is in adapter/, it is never resumed
         logger.summary({f"eval/{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
         logger.table("eval/per_task", ["task", "rougeL", "exact_match"],
                      [[t, metrics[f"rougeL_for_{t}"], metrics[f"exact_match_for_{t}"]] for t in data.eval_tasks
@@ -207,6 +227,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     return metrics.get("rougeL")
+
+
+def report_finished(run_dir: Path) -> dict:
+    """`resume=true` on a finished run (e.g. rerunning an interrupted sweep): report it, train nothing."""
+    metrics = finished_metrics(run_dir)
+    print(f"already finished: ROUGE-L {metrics.get('rougeL')}  exact match {metrics.get('exact_match')} -> {run_dir}",
+          flush=True)
+    return metrics
 
 
 def main() -> None:

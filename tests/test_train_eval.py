@@ -51,9 +51,11 @@ def test_tiny_random_train_then_eval_reproduces(sni_fixture, tmp_path):
     assert {k: v for k, v in again.items() if k != "eval_time_s"} == {
         k: v for k, v in metrics.items() if k in again and k != "eval_time_s"}
     assert "reproduces the run's metrics exactly" in out.stdout
-    # a finished run directory is never overwritten
+    # a finished run directory is never overwritten, Hydra's record of its command included
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"}
     refused = cli("mode.train", "model=tiny_random", f"data.sni_dir={sni_fixture}", f"hydra.run.dir={run}", check=False)
     assert refused.returncode == 2 and "already holds a finished run" in refused.stderr
+    assert all(p.read_bytes() == content for p, content in before.items())
 
 
 @needs_stories

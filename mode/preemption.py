@@ -1,0 +1,58 @@
+"""Cluster preemption: SIGTERM or SIGINT asks the training loop to checkpoint and stop after the current step.
+
+Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM and wait a grace period before SIGKILL; one
+training step is far shorter than any grace period, so finishing it and saving costs nothing and loses
+nothing. A second Ctrl-C aborts at once without saving.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import torch
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Records a stop signal instead of dying from it, between `listen()` and `restore()`.
+
+    Used as a context manager around a whole training call, so the previous handlers come back however
+    it ends; the loop listens only while it runs (a signal during loading or evaluation acts as usual).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def listen(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+    def requested(self, accelerator) -> int | None:
+        """The stop signal if any process received one; every process gets the same answer, so all stop together."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=accelerator.device)
+        return int(accelerator.gather(flag).max()) or None
