@@ -5,8 +5,10 @@ BIN     = $(VENV)/bin
 # The CPU wheel (fast here). GPU users: TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
+PROFILE ?= smoke
+LAUNCHER ?= basic
 
-.PHONY: help install train test test-all lint clean-venv
+.PHONY: help install train test test-all lint reproduce-table aggregate clean-venv
 
 help:
 	@echo "make install   fresh $(VENV) with $(TORCH_SPEC) and mode (editable, with dev extras)"
@@ -14,6 +16,9 @@ help:
 	@echo "make test      the default test suite (slow tests excluded)"
 	@echo "make test-all  every test, slow ones included"
 	@echo "make lint      ruff"
+	@echo "make reproduce-table PROFILE=smoke|cpu|paper [DRY_RUN=1] [LAUNCHER=basic|joblib|slurm]"
+	@echo "                the profile's table sweeps (finished runs reused), then results/<PROFILE>/"
+	@echo "make aggregate PROFILE=...   only rebuild results/<PROFILE>/ from finished runs"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +38,12 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(ARGS)
+
+reproduce-table: $(STAMP)
+	$(BIN)/python experiments/reproduce.py $(PROFILE) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run) $(ARGS)
+
+aggregate: $(STAMP)
+	$(BIN)/mode-aggregate $(PROFILE) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mode tests
