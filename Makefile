@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: help install train test test-all lint clean-venv
+.PHONY: help install train test test-all lint bench bench-quick bench-data clean-venv
 
 help:
 	@echo "make install   fresh $(VENV) with $(TORCH_SPEC) and mode (editable, with dev extras)"
@@ -14,6 +14,8 @@ help:
 	@echo "make test      the default test suite (slow tests excluded)"
 	@echo "make test-all  every test, slow ones included"
 	@echo "make lint      ruff"
+	@echo "make bench     speed + memory of every method vs PEFT LoRA and the per-expert loop (~15 min) -> benchmarks/results/"
+	@echo "make bench-quick  the same at toy size (~1-2 min)   make bench-data  tokenisation cache timings (~10-15 min)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +37,16 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check mode tests
+	$(BIN)/ruff check mode tests benchmarks scripts
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.bench --quick $(ARGS)
+
+bench-data: $(STAMP)
+	$(BIN)/python -m benchmarks.bench --parts data $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -81,7 +81,7 @@ def check_resumable(resolved: dict, run_dir) -> None:
         saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:
         raise ModeError(f"{path}: unreadable ({err}); cannot check that resuming keeps the run's settings") from err
-    old, new = {**ADDED_KEYS, **_flatten(saved)}, _flatten(resolved)
+    old, new = {**ADDED_KEYS, **_flatten(saved)}, {**ADDED_KEYS, **_flatten(resolved)}
     missing = object()
     for key in sorted(set(old) | set(new)):
         if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
