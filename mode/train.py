@@ -1,7 +1,7 @@
 """Multi-task adapter training on SNI, then evaluation: `python -m mode.train [overrides]` (`mode-train`).
 
 The loop is plain PyTorch on top of accelerate, which supplies device placement, mixed precision and
-DDP/FSDP under `torchrun` / `accelerate launch` without code changes. We keep our own loop rather than
+DDP under `torchrun` / `accelerate launch` without code changes (FSDP: see the README, untested here). We keep our own loop rather than
 HF Trainer because three things are simpler to get exactly right here: adapter-only checkpoints,
 bit-exact resume from (seed, step), and token-level loss normalisation over the *global* batch (so one
 process and N processes with the same global batch take the same step).
@@ -308,8 +308,8 @@ def report_finished(run_dir: Path, is_main: bool = True) -> dict:
 
 def worker_overrides() -> list[str]:
     """Hydra overrides for processes other than rank 0 of a torchrun / accelerate launch: their Hydra record
-    and log file go to a scratch folder deleted at exit, and they log warnings only. Rank 0 writes the run
-    directory, and `plan_on_main` points every process at rank 0's folder."""
+    goes to a scratch folder deleted at exit, and they log errors only, to stderr (conf/hydra/job_logging/
+    worker.yaml). Rank 0 writes the run directory, and `plan_on_main` points every process at its folder."""
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         return []
