@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 PROFILE ?= smoke
 LAUNCHER ?= basic
 
-.PHONY: help install train test test-all lint reproduce-table aggregate clean-venv
+.PHONY: help install train test test-all lint reproduce-table aggregate bench bench-quick bench-data clean-venv
 
 help:
 	@echo "make install   fresh $(VENV) with $(TORCH_SPEC) and mode (editable, with dev extras)"
@@ -19,6 +19,8 @@ help:
 	@echo "make reproduce-table PROFILE=smoke|cpu|paper [DRY_RUN=1] [LAUNCHER=basic|joblib|slurm]"
 	@echo "                the profile's table sweeps (finished runs reused), then results/<PROFILE>/"
 	@echo "make aggregate PROFILE=...   only rebuild results/<PROFILE>/ from finished runs"
+	@echo "make bench     speed + memory of every method vs PEFT LoRA and the per-expert loop (~15 min) -> benchmarks/results/"
+	@echo "make bench-quick  the same at toy size (~1-2 min)   make bench-data  tokenisation cache timings (~10-15 min)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +48,16 @@ aggregate: $(STAMP)
 	$(BIN)/mode-aggregate $(PROFILE) $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check mode tests
+	$(BIN)/ruff check mode tests benchmarks scripts experiments
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.bench --quick $(ARGS)
+
+bench-data: $(STAMP)
+	$(BIN)/python -m benchmarks.bench --parts data $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

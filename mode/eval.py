@@ -31,15 +31,17 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
-             device, desc: str = "evaluating", task_ids: list[int] | None = None) -> list[str]:
+             device, desc: str = "evaluating", task_ids: list[int] | None = None,
+             min_new_tokens: int = 0) -> list[str]:
     """Greedy continuations of token-id prompts (left padding, KV cache), in the prompts' order.
 
     Prompts are batched longest first, so batches hold similar lengths and the largest comes first.
     `task_ids` (one per prompt) reach the adapters of each batch (MoRE routes by task).
+    `min_new_tokens` suppresses end-of-sequence before that many tokens (benchmarks: equal work per model).
     """
     from transformers import GenerationConfig
 
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     was_training = model.training
     model.eval()

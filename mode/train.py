@@ -1,7 +1,7 @@
 """Multi-task adapter training on SNI, then evaluation: `python -m mode.train [overrides]` (`mode-train`).
 
 The loop is plain PyTorch on top of accelerate, which supplies device placement, mixed precision and
-DDP/FSDP under `torchrun` / `accelerate launch` without code changes. We keep our own loop rather than
+DDP under `torchrun` / `accelerate launch` without code changes (FSDP: see the README, untested here). We keep our own loop rather than
 HF Trainer because three things are simpler to get exactly right here: adapter-only checkpoints,
 bit-exact resume from (seed, step), and token-level loss normalisation over the *global* batch (so one
 process and N processes with the same global batch take the same step).
@@ -54,11 +54,80 @@ def accumulation_steps(train_cfg, world_size: int) -> int:
     return train_cfg.batch_size // per_step
 
 
-def micro_batches(examples: list[dict], indices: list[int], rank: int, world: int, accum: int, micro: int):
-    """This process's micro-batches of one global batch; sorted by length to waste less on padding."""
-    share = indices[rank * accum * micro : (rank + 1) * accum * micro]
-    share = sorted(share, key=lambda i: len(examples[i]["input_ids"]))
-    return [share[k * micro : (k + 1) * micro] for k in range(accum)]
+def micro_batches(examples, indices: list[int], rank: int, world: int, accum: int, micro: int) -> list[list[int]]:
+    """This process's micro-batches of one global batch.
+
+    The global batch is sorted by length (less padding: similar lengths share a micro-batch) and cut into
+    world x accum micro-batches, dealt round-robin. Which micro-batches exist depends on
+    train.micro_batch_size alone, so N processes compute exactly the micro-batches one process would
+    (the same step, up to the order of one sum), and every process gets short and long ones alike.
+    """
+    ordered = sorted(indices, key=lambda i: len(examples[i]["input_ids"]))  # stable: ties keep sampling order
+    groups = [ordered[k * micro : (k + 1) * micro] for k in range(world * accum)]
+    return groups[rank::world]
+
+
+def use_cpu(device: str) -> bool:
+    """train.device=auto trains on the accelerator torch finds, else on the CPU, and must say so: under
+    torchrun, accelerate's `cpu=False` on a machine without a GPU forms no process group at all (every
+    process would train alone, as rank 0)."""
+    if device == "cpu":
+        return True
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+
+
+def plan_on_main(accelerator, run_dir: Path, cfg, resolved: dict) -> tuple[Path, str]:
+    """(run directory, NEW | UNFINISHED | FINISHED) as the main process sees them, for every process.
+
+    Processes start seconds apart, so their own Hydra folders (`${now:...}`) and their views of the run
+    directory (rank 0 may already have written config.yaml) can differ: rank 0 decides, the others follow,
+    and a refusal is raised by every process alike."""
+    plan = [None]
+    if accelerator.is_main_process:
+        try:
+            state = plan_run(run_dir, cfg.resume, cfg.force)
+            if state == UNFINISHED:
+                check_resumable(resolved, run_dir)
+            plan = [(str(run_dir), state, None)]
+        except ModeError as err:
+            plan = [(str(run_dir), None, str(err))]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(plan)
+    main_dir, state, error = plan[0]
+    if error:
+        raise ModeError(error)
+    return Path(main_dir), state
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer; the context_fn gives recomputed adapters their
+    batch's task ids. Non-reentrant checkpoints pass gradients to the adapters inside without any input
+    requiring one, so the embeddings' output gets none (transformers asks for it: a wasted backward)."""
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn(model)}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer in place (regional compilation: one compiled graph serves every
+    layer, so compiling costs one layer's time; module names, and so adapter and checkpoint keys, stay)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ModeError(f"train.compile=true: {type(model).__name__} has no decoder `layers` to compile")
+    for layer in layers:
+        layer.compile()
+
+
+def eager(compiled: bool):
+    """Run compiled layers eagerly (for generation: every KV-cache shape would be one more recompile)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if compiled and set_stance else contextlib.nullcontext()
 
 
 def run_name(cfg) -> str:
@@ -83,29 +152,27 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
 
     # Every check (config, model, target modules, data) passes before the run directory gets a file.
     validate_config(cfg)
-    run_dir = Path(run_dir)
     resolved = mode_config.to_container(cfg)
-    state = plan_run(run_dir, cfg.resume, cfg.force)
-    if state == FINISHED:
-        return report_finished(run_dir)
-    if state == UNFINISHED:
-        check_resumable(resolved, run_dir)
-    elif cfg.resume:
-        log.warning("resume=true: %s holds no run yet; starting one", run_dir)
-    accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.train.precision], cpu=cfg.train.device == "cpu")
+    accelerator = Accelerator(mixed_precision=PRECISIONS[cfg.train.precision], cpu=use_cpu(cfg.train.device))
     is_main = accelerator.is_main_process
+    run_dir, state = plan_on_main(accelerator, Path(run_dir), cfg, resolved)
+    if state == FINISHED:
+        return report_finished(run_dir, is_main)
+    if state == NEW and cfg.resume and is_main:
+        log.warning("resume=true: %s holds no run yet; starting one", run_dir)
 
     set_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    if cfg.train.gradient_checkpointing:  # the context_fn gives recomputed adapters their batch's task ids
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False, "context_fn": checkpoint_context_fn(model)})
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(model)
     data = build_data(cfg.data, cfg.eval, tokenizer, cache_dir=cfg.paths.get("cache_dir"))
     if cfg.adapter.method == "more" and set(data.eval_tasks) - set(data.tasks):
         raise ModeError("adapter.method='more' routes by training task, but data.protocol="
                         f"{cfg.data.protocol!r} evaluates tasks it never trained on (use held_in)")
     torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading consumed
     apply_adapters(model, cfg.adapter, num_tasks=len(data.tasks))
+    if cfg.train.compile:
+        compile_layers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = count_adapter_parameters(model)
     n_base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -201,7 +268,8 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
         save_adapters(model, run_dir / "adapter", extra={"base_model": cfg.model.name_or_path, "model_id": cfg.model.id,
                                                          "tasks": data.tasks})
     diagnostics.reset()
-    metrics, predictions = evaluate(model, tokenizer, data.eval, cfg.eval, accelerator)
+    with eager(cfg.train.compile):
+        metrics, predictions = evaluate(model, tokenizer, data.eval, cfg.eval, accelerator)
     routing = diagnostics.summary(reduce, tasks=data.tasks)
     if is_main:
         metrics.update({"trainable_parameters": n_trainable, "base_parameters": n_base,
@@ -229,16 +297,37 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metrics.get("rougeL")
 
 
-def report_finished(run_dir: Path) -> dict:
+def report_finished(run_dir: Path, is_main: bool = True) -> dict:
     """`resume=true` on a finished run (e.g. rerunning an interrupted sweep): report it, train nothing."""
     metrics = finished_metrics(run_dir)
-    print(f"already finished: ROUGE-L {metrics.get('rougeL')}  exact match {metrics.get('exact_match')} -> {run_dir}",
-          flush=True)
+    if is_main:
+        print(f"already finished: ROUGE-L {metrics.get('rougeL')}  exact match {metrics.get('exact_match')} -> "
+              f"{run_dir}", flush=True)
     return metrics
 
 
+def worker_overrides() -> list[str]:
+    """Hydra overrides for processes other than rank 0 of a torchrun / accelerate launch: their Hydra record
+    goes to a scratch folder deleted at exit, and they log errors only, to stderr (conf/hydra/job_logging/
+    worker.yaml). Rank 0 writes the run directory, and `plan_on_main` points every process at its folder."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        return []
+    import atexit
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix=f"mode-rank{rank}-")
+    atexit.register(shutil.rmtree, scratch, True)
+    return [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null",
+            "hydra/job_logging=worker"]
+
+
 def main() -> None:
+    import sys
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.argv += worker_overrides()
     _hydra_main()
 
 

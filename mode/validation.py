@@ -22,6 +22,8 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # (data.sni_dir may move; the checkpoint's fingerprint of the encoded training data guards its content.)
 RESUMABLE_CHANGES = ("resume", "force", "logger", "paths", "data.sni_dir", "train.save_every",
                      "train.keep_checkpoints", "train.log_every")
+# Keys added after runs may have started: a run's config.yaml without one ran with this value.
+ADDED_KEYS = {"train.compile": False}
 
 
 def _integer(cfg, key: str, minimum: int, allow_none: bool = False) -> None:
@@ -49,9 +51,11 @@ def validate_config(cfg) -> None:
         raise ModeError(f"train.lr={lr!r} must be a positive number")
     if cfg.train.precision not in PRECISIONS:
         raise ModeError(f"train.precision={cfg.train.precision!r} is not one of {list(PRECISIONS)}")
-    for key in ("resume", "force"):
-        if not isinstance(cfg.get(key), bool):
-            raise ModeError(f"{key}={cfg.get(key)!r} must be true or false")
+    for key in ("resume", "force", "train.gradient_checkpointing", "train.compile"):
+        if not isinstance(OmegaConf.select(cfg, key), bool):
+            raise ModeError(f"{key}={OmegaConf.select(cfg, key)!r} must be true or false")
+    if cfg.train.device not in ("auto", "cpu"):
+        raise ModeError(f"train.device={cfg.train.device!r} is not one of ['auto', 'cpu']")
     if not Path(str(cfg.data.sni_dir)).is_dir():
         raise ModeError(f"data.sni_dir={str(cfg.data.sni_dir)!r}: no such folder")
     tasks = cfg.data.get("tasks")
@@ -77,7 +81,7 @@ def check_resumable(resolved: dict, run_dir) -> None:
         saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:
         raise ModeError(f"{path}: unreadable ({err}); cannot check that resuming keeps the run's settings") from err
-    old, new = _flatten(saved), _flatten(resolved)
+    old, new = {**ADDED_KEYS, **_flatten(saved)}, {**ADDED_KEYS, **_flatten(resolved)}
     missing = object()
     for key in sorted(set(old) | set(new)):
         if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):

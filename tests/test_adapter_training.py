@@ -76,9 +76,9 @@ def test_a_few_steps_lower_the_loss(stories_batch, method):
 
 
 @needs_stories
-@pytest.mark.parametrize("method", ["more", "mode"])
+@pytest.mark.parametrize("method", ["more", "mode", "lora"])
 def test_gradient_checkpointing_gives_the_same_gradients(stories_batch, method):
-    from mode.adapters import checkpoint_context_fn
+    from mode.train import enable_checkpointing
 
     grads = []
     for checkpointing in (False, True):
@@ -87,11 +87,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(stories_batch, method):
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.1)
-        if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context_fn(model)})
+        if checkpointing:  # as mode-train does it
+            enable_checkpointing(model)
+        calls: list[int] = []
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         loss_module = AnswerLoss(model).train()
         answer_loss(loss_module, stories_batch).backward()
+        assert len(calls) == 1 + checkpointing  # the backward pass recomputed the layer
         runtime = runtime_of(model)
         assert runtime.aux == {} and runtime.task_ids is None  # nothing leaks out of the context
         if method == "more":  # recomputation recorded no second contrastive loss

@@ -114,3 +114,7 @@ def test_resume_check_names_the_first_differing_key(tmp_path):
         check_resumable({"seed": 2, "train": {"lr": 0.001, "save_every": 5}, "resume": True}, tmp_path)
     with pytest.raises(ModeError, match=r"train.warmup=3 differs .*\('<absent>'\)"):
         check_resumable({"seed": 1, "train": {"lr": 0.001, "warmup": 3}, "resume": True}, tmp_path)
+    # a key added since the run started counts as its default there (train.compile: false)
+    check_resumable({"seed": 1, "train": {"lr": 0.001, "save_every": 5, "compile": False}, "resume": True}, tmp_path)
+    with pytest.raises(ModeError, match=r"train.compile=True differs .*\(False\)"):
+        check_resumable({"seed": 1, "train": {"lr": 0.001, "save_every": 5, "compile": True}, "resume": True}, tmp_path)

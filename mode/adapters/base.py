@@ -2,10 +2,13 @@
 
     y = base(x) + s * delta(dropout(x))
 
-Subclasses (one module per method) define their parameters, `delta` and, where the delta does not
-depend on the token, `delta_weight` for merging. Adapter parameters stay float32 under a bf16/fp16
-base (the input is cast up, the delta cast back), as PEFT does; router logits are computed in float32
-with autocast off, so mixed precision never touches the routing decision.
+Subclasses (one module per method) define their parameters, `branch` and, where the delta does not
+depend on the token, `delta_weight` for merging. Every method's delta ends in one matmul, `z @ up.T`
+(`branch` returns z and up), so the wrapper adds `s * z @ up.T` onto the base output inside that GEMM
+(`addmm`): no [tokens, Q] delta, scaled copy or sum is materialised (PEFT's LoRA makes all three).
+Adapter parameters stay float32 under a bf16/fp16 base (the input is cast up, the delta cast back), as
+PEFT does; router logits are computed in float32 with autocast off, so mixed precision never touches
+the routing decision.
 """
 
 from __future__ import annotations
@@ -49,9 +52,14 @@ class AdapterLayer(nn.Module):
                 raise ModeError(f"adapter.{key}={getattr(cfg, key)} has no meaning for adapter.method="
                                 f"{cfg.method!r}; leave it at 1")
 
+    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [N, k], up [Q, k]) for input `x` [..., P] (N = its tokens): the unscaled delta is z @ up.T."""
+        raise NotImplementedError
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The unscaled adapter output for input `x` [..., P] -> [..., Q]."""
-        raise NotImplementedError
+        z, up = self.branch(x)
+        return F.linear(z, up).view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, task: int | None = None) -> torch.Tensor:
         """The unscaled delta as a [Q, P] matrix, for merging into the base weight."""
@@ -119,8 +127,10 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        delta = self.delta(self.dropout(x).to(ADAPTER_DTYPE))
-        return out + (self.scale * delta).to(out.dtype)
+        z, up = self.branch(self.dropout(x).to(ADAPTER_DTYPE))
+        if z.dtype == out.dtype:  # out + s * z @ up.T in one GEMM
+            return torch.addmm(out.reshape(-1, self.out_features), z, up.t(), alpha=self.scale).view(out.shape)
+        return out + (self.scale * F.linear(z, up)).view(out.shape).to(out.dtype)  # a bf16/fp16 base
 
     @torch.no_grad()
     def merge(self, task: int | None = None) -> None:

@@ -19,8 +19,8 @@ class LoRALinear(AdapterLayer):
         self.lora_B = self.new_parameter(self.out_features, cfg.rank, zeros=True)   # [Q, r]
         self.init_down_projection(self.lora_A, cfg)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.linear(x.reshape(-1, self.in_features), self.lora_A), self.lora_B
 
     def delta_weight(self, task: int | None = None) -> torch.Tensor:
         return self.lora_B @ self.lora_A

@@ -1,0 +1,246 @@
+"""The benchmark's goals and its Markdown report, computed from bench.json alone.
+
+Every number in the report comes from the measurements; a missed goal gets a sentence that explains it
+from the same numbers (the frozen base's share of the step, each setup's cost above it, the spread).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+# (what, part, numerator, denominator, "<=" or ">=", target): a ratio numerator / denominator of step
+# times, memory, or generation tokens/s.
+GOALS = [
+    ("our LoRA r16 step vs PEFT LoRA r16", "step", "lora16", "peft_lora16", "<=", 1.00),
+    ("our LoRA r64 step vs PEFT LoRA r64", "step", "lora64", "peft_lora64", "<=", 1.00),
+    ("MoDE 16x4 step vs LoRA r64", "step", "mode16x4x1", "lora64", "<=", 1.05),
+    ("per-expert loop MoDE 16x4 step vs MoDE 16x4 (speed-up)", "step", "loop_mode16x4x1", "mode16x4x1", ">=", 2.00),
+    ("MoDE 16x4 peak memory vs LoRA r64", "memory", "mode16x4x1", "lora64", "<=", 1.10),
+    ("MoDE 16x4 step memory (above the loaded model) vs LoRA r64", "memory_step", "mode16x4x1", "lora64", "<=", 1.10),
+    ("MoDE 16x4 generation tokens/s vs LoRA r64", "generate", "mode16x4x1", "lora64", ">=", 0.85),
+]
+# Shown with the goals, without a target: the loop as MoLoRA code usually writes it (other experts, same
+# m x r), and the same comparisons on one adapted projection alone (the layer part).
+EXTRA = [("per-expert loop MoLoRA 16x4 step vs MoDE 16x4 (speed-up)", "step", "loop_molora16x4", "mode16x4x1"),
+         ("one layer: our LoRA r16 vs PEFT LoRA r16", "layer", "lora16", "peft_lora16"),
+         ("one layer: our LoRA r64 vs PEFT LoRA r64", "layer", "lora64", "peft_lora64"),
+         ("one layer: MoDE 16x4 vs LoRA r64", "layer", "mode16x4x1", "lora64"),
+         ("one layer: per-expert loop MoDE 16x4 vs MoDE 16x4 (speed-up)", "layer", "loop_mode16x4x1", "mode16x4x1"),
+         ("one layer: per-expert loop MoLoRA 16x4 vs MoDE 16x4 (speed-up)", "layer", "loop_molora16x4", "mode16x4x1")]
+
+
+def ratio(a: list[float], b: list[float]) -> dict:
+    """Median (and quartiles) over rounds of a[i] / b[i]: the two were measured within seconds of each other."""
+    rs = sorted(x / y for x, y in zip(a, b))
+    q = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0]] * 3
+    return {"median": statistics.median(rs), "q25": q[0], "q75": q[2]}
+
+
+def above_floor(times: list[float], floor: list[float]) -> float:
+    """Median over rounds of a setup's time minus the floor's time in the same round."""
+    return statistics.median(t - f for t, f in zip(times, floor))
+
+
+def _value(results: dict, part: str, num: str, den: str) -> dict | None:
+    key = "memory" if part.startswith("memory") else part
+    setups = results.get(key, {}).get("setups", {})
+    if not {num, den} <= set(setups):
+        return None
+    a, b = setups[num], setups[den]
+    if part in ("step", "layer"):
+        return ratio(a["times_s"], b["times_s"])
+    if part == "generate":  # tokens/s ratio = the inverse ratio of times
+        return ratio(b["times_s"], a["times_s"])
+    field = "step_mib" if part == "memory_step" else "peak_mib"
+    v = a[field] / b[field]
+    return {"median": v, "q25": v, "q75": v}
+
+
+def goal_rows(results: dict) -> list[dict]:
+    rows = []
+    for what, part, num, den, op, target in GOALS:
+        value = _value(results, part, num, den)
+        if value is not None:
+            met = value["median"] <= target if op == "<=" else value["median"] >= target
+            rows.append({"goal": what, "part": part, "num": num, "den": den, "ratio": value,
+                         "target": f"{op} {target:.2f}", "target_value": target, "op": op, "met": met})
+    for what, part, num, den in EXTRA:
+        value = _value(results, part, num, den)
+        if value is not None:
+            rows.append({"goal": what, "part": part, "num": num, "den": den, "ratio": value, "target": "",
+                         "met": None})
+    return rows
+
+
+def why(results: dict, goal: dict) -> str:
+    """One paragraph explaining a missed goal from the measurements."""
+    r, target, part = goal["ratio"], goal["target_value"], goal["part"]
+    spread = (f"The per-round ratios' quartiles ({r['q25']:.3f}-{r['q75']:.3f}) straddle the target: the gap is "
+              "within this machine's round-to-round noise. " if r["q25"] <= target <= r["q75"] else "")
+    if part == "step":
+        s = results["step"]["setups"]
+        if "floor" not in s:
+            return spread
+        floor = statistics.median(s["floor"]["times_s"])
+        num, den = (above_floor(s[k]["times_s"], s["floor"]["times_s"]) for k in (goal["num"], goal["den"]))
+        label_n, label_d = s[goal["num"]]["label"], s[goal["den"]]["label"]
+        text = (f"{spread}The frozen base's forward + backward alone takes {floor:.3f} s; above it, {label_n} "
+                f"adds {num:.3f} s and {label_d} {den:.3f} s per step")
+        if goal["op"] == ">=":  # a speed-up bounded by the shared floor
+            bound = statistics.median(s[goal["num"]]["times_s"]) / floor
+            text += (f" ({num / den:.1f}x as much adapter work). No implementation of {label_d} can make the whole "
+                     f"step faster than the floor, so the speed-up over {label_n} is at most {bound:.2f}x on this "
+                     "model shape: the loop's cost is real, but the frozen base dominates a step")
+            if bound < target:
+                text += f", and {target:.0f}x is out of reach whatever the adapter does"
+        return text + "."
+    if part == "generate":
+        s = results["generate"]["setups"]
+        per_token = {k: 1000 * v["median_s"] / results["generate"]["tokens_per_call"] for k, v in s.items()}
+        text = f"{spread}Per generated token (batch of {results['generate'].get('run', {}).get('gen_batch', '?')}): "
+        text += ", ".join(f"{s[k]['label']} {per_token[k]:.2f} ms" for k in ("floor", goal["den"], goal["num"])
+                          if k in s)
+        return text + (". Decoding runs one token per sequence through every layer: launch overhead, not "
+                       "arithmetic, dominates, and a mixture runs a few more small operations per adapted layer "
+                       "(router, softmax, routing statistics).")
+    s = results["memory"]["setups"]
+    return (f"{spread}Step memory: {s[goal['num']]['label']} {s[goal['num']]['step_mib']:.0f} MiB, "
+            f"{s[goal['den']]['label']} {s[goal['den']]['step_mib']:.0f} MiB"
+            + (f", the frozen base alone {s['floor']['step_mib']:.0f} MiB." if "floor" in s else "."))
+
+
+def fmt_load(load) -> str:
+    return "/".join(f"{x:.1f}" for x in load) if load else "?"
+
+
+def _measured(run: dict, threads: bool = True) -> str:
+    return (f"Measured by `{run['command'].strip()}` on {run['date']} (load average {fmt_load(run['load_start'])} at "
+            f"the start, {fmt_load(run['load_end'])} at the end" + (f"; {run['threads']} torch thread(s))."
+                                                                     if threads else ")."))
+
+
+def _shape(run: dict) -> str:
+    return (f"Model: `{run['model']}` with {run['layers']} decoder layers (hidden {run['hidden']}, ffn {run['ffn']}, "
+            f"{run['heads']} heads / {run['kv_heads']} kv heads, vocab {run['vocab']}), fp32, adapters on q, k, v, o.")
+
+
+def render(results: dict) -> str:
+    lines = ["# mode benchmark", "",
+             "Written by `python -m benchmarks.bench` (`make bench`); every number below comes from the run named "
+             "in its section. Speed is compared as ratios of setups measured in the same round, because other jobs "
+             "may share the machine.", ""]
+    runs = [results[k]["run"] for k in ("step", "layer", "generate", "memory", "profile", "padding", "data")
+            if k in results]
+    if runs:
+        m = runs[0]["machine"]
+        lines += [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, "
+                  f"{m['platform']}.", ""]
+    goals = goal_rows(results)
+    if goals:
+        lines += ["## Goals", "", "| goal | ratio (median) | quartiles over rounds | target | met |",
+                  "|---|---|---|---|---|"]
+        for g in goals:
+            r = g["ratio"]
+            met = "" if g["met"] is None else "yes" if g["met"] else "**no**"
+            lines.append(f"| {g['goal']} | {r['median']:.3f} | {r['q25']:.3f}-{r['q75']:.3f} | {g['target']} | {met} |")
+        lines.append("")
+        for g in goals:
+            if g["met"] is False:
+                lines += [f"*{g['goal']}* (missed): {why(results, g)}", ""]
+    if "step" in results:
+        step = results["step"]
+        s, mem = step["setups"], results.get("memory", {}).get("setups", {})
+        ref = "lora64" if "lora64" in s else next(iter(s))
+        run = step["run"]
+        lines += ["## Training step", "", _measured(run), _shape(run),
+                  f"Batch {run['batch']} x {run['seq']} tokens (the last {run['answer']} of each are the answer); "
+                  f"AnswerLoss forward + backward + gradient clipping + AdamW, routing statistics on, as mode-train "
+                  f"runs them; {run['rounds']} rounds. The floor is the frozen base's forward + backward down to "
+                  "the embeddings, with nothing to train. Time ratios: median over rounds of the per-round ratio.",
+                  "", "Memory (from the memory part): peak resident memory (VmHWM) of the training steps in a fresh "
+                  "process per setup, the kernel's peak mark reset once the model is loaded; 'step memory' is that "
+                  "peak minus the resident memory of the loaded model (adapter state + activations + temporaries).",
+                  "", f"| setup | trainable | step (s, median) | above floor (s) | x floor | x {s[ref]['label']} | "
+                  f"peak RSS (MiB) | step memory (MiB) | step memory x {s[ref]['label']} |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in s.items():
+            floor = ratio(row["times_s"], s["floor"]["times_s"])["median"] if "floor" in s else float("nan")
+            extra = above_floor(row["times_s"], s["floor"]["times_s"]) if "floor" in s else float("nan")
+            rel = ratio(row["times_s"], s[ref]["times_s"])["median"]
+            m = mem.get(name)
+            cells = (f"{m['peak_mib']:.0f} | {m['step_mib']:.0f} | {m['step_mib'] / mem[ref]['step_mib']:.3f}"
+                     if m and ref in mem else " | | ")
+            lines.append(f"| {row['label']} | {row['trainable_parameters']:,} | {row['median_s']:.3f} | {extra:+.3f} | "
+                         f"{floor:.3f} | {rel:.3f} | {cells} |")
+        lines.append("")
+    elif "memory" in results:
+        mem = results["memory"]["setups"]
+        lines += ["## Training-step memory", "", _measured(results["memory"]["run"]), "",
+                  "| setup | peak RSS (MiB) | step memory (MiB) |", "|---|---|---|"]
+        lines += [f"| {m['label']} | {m['peak_mib']:.0f} | {m['step_mib']:.0f} |" for m in mem.values()]
+        lines.append("")
+    if "layer" in results:
+        layer = results["layer"]
+        s, run = layer["setups"], layer["run"]
+        ref = "lora64" if "lora64" in s else next(iter(s))
+        tokens, P, Q = layer["shape"]
+        lines += ["## One adapted layer", "", _measured(run),
+                  f"Forward + backward of one projection of the base ({P} -> {Q}, the model's first q_proj, frozen) "
+                  f"with each setup's adapter, on {tokens} tokens whose input needs a gradient (as inside a network); "
+                  f"{4 * run['rounds']} rounds. The floor is the frozen projection alone.", "",
+                  f"| setup | median (ms) | above floor (ms) | x {s[ref]['label']} |", "|---|---|---|---|"]
+        for row in s.values():
+            extra = above_floor(row["times_s"], s["floor"]["times_s"]) * 1000 if "floor" in s else float("nan")
+            lines.append(f"| {row['label']} | {1000 * row['median_s']:.2f} | {extra:+.2f} | "
+                         f"{ratio(row['times_s'], s[ref]['times_s'])['median']:.3f} |")
+        lines.append("")
+    if "generate" in results:
+        g = results["generate"]
+        s, run = g["setups"], g["run"]
+        ref = "lora64" if "lora64" in s else next(iter(s))
+        lines += ["## Generation (the evaluation path)", "", _measured(run), _shape(run),
+                  f"`mode.eval.generate` (greedy, KV cache, left padding): {run['gen_batch']} prompts of "
+                  f"{run['gen_prompt']} tokens, {run['gen_tokens']} new tokens each with end-of-sequence suppressed "
+                  f"(every setup decodes the same {g['tokens_per_call']} tokens), routing statistics on as in "
+                  f"mode-train's evaluation; {run['rounds']} rounds.", "",
+                  f"| setup | tokens/s (median) | x {s[ref]['label']} |", "|---|---|---|"]
+        for row in s.values():
+            lines.append(f"| {row['label']} | {row['tokens_per_s']:.1f} | "
+                         f"{ratio(s[ref]['times_s'], row['times_s'])['median']:.3f} |")
+        lines.append("")
+    if "profile" in results:
+        p = results["profile"]
+        names = list(p["setups"])
+        labels = [p["setups"][n]["label"] for n in names]
+        lines += ["## Profile of one training step", "", _measured(p["run"]),
+                  "torch.profiler, self CPU time per operator (ms) in one step, the operators that take the most "
+                  "time in any of these setups:", "", "| operator | " + " | ".join(labels) + " |",
+                  "|---|" + "---|" * len(names)]
+        for op in p["operators"]:
+            lines.append(f"| `{op}` | " + " | ".join(f"{p['setups'][n]['ops'].get(op, 0.0):.1f}" for n in names) + " |")
+        lines.append("| total | " + " | ".join(f"{p['setups'][n]['total_ms']:.1f}" for n in names) + " |")
+        lines.append("")
+    if "padding" in results:
+        p = results["padding"]
+        lines += ["## Length-grouped micro-batches", "", _measured(p["run"], threads=False),
+                  f"Tokens a step processes (padding included) per real token, over {p['steps']} global batches of "
+                  f"the `{p['data']}` data ({p['tokenizer']} tokenizer): micro-batches cut in sampling order vs "
+                  "mode-train's (the global batch sorted by length, then cut; the same step exactly, "
+                  "tests/test_throughput.py), and what packing each length-grouped micro-batch into rows as wide as "
+                  "its longest sequence would process (counted, not implemented).", "",
+                  "| global batch | micro-batch | in sampling order | length-grouped (mode-train) | grouped + packed |",
+                  "|---|---|---|---|---|"]
+        for r in p["rows"]:
+            lines.append(f"| {r['global_batch']} | {r['micro_batch']} | {r['padded_per_real_in_order']:.3f} | "
+                         f"{r['padded_per_real_grouped']:.3f} | {r['padded_per_real_packed']:.3f} |")
+        lines.append("")
+    if "data" in results:
+        d = results["data"]
+        lines += ["## Data path (the tokenised-data cache)", "", _measured(d["run"], threads=False),
+                  f"`{d['command']}` with an empty cache folder, then again (a fresh process: a real cache hit):", "",
+                  "| run | what | seconds |", "|---|---|---|"]
+        for key in ("first", "second"):
+            if key in d["runs"]:
+                lines.append(f"| {key} | {d['runs'][key]['what']} | {d['runs'][key]['seconds']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
