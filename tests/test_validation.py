@@ -89,7 +89,7 @@ def test_non_ascii_empty_and_overlong_inputs_are_handled_and_counted(sni_fixture
         instances = task["Instances"]
         for inst in instances:
             inst["input"] = "Übersetze ins Japanische: Katze → ?"
-            inst["output"] = ["猫 (ねこ)"]
+            inst["output"] = ["猫 (ねこ)", ""]            # an empty reference string beside a real one
         instances[0]["input"] = ""                       # kept: the query is just "Input: ."
         instances[1]["input"] = "lorem ipsum " * 400     # longer than any prompt budget
 
@@ -100,11 +100,13 @@ def test_non_ascii_empty_and_overlong_inputs_are_handled_and_counted(sni_fixture
     stats = json.loads((run / "data_stats.json").read_text())["per_task"]["task002_echo_word"]
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     echo = [r for r in rows if r["task"] == "task002_echo_word"]
-    assert echo and all(r["references"] == ["猫 (ねこ)"] for r in echo)  # non-ASCII survives the round trip
+    assert echo and all(r["references"] == ["猫 (ねこ)", ""] for r in echo)  # non-ASCII survives the round trip
     overlong_in_train = stats["train_dropped_overlong"] == 1
     overlong_in_eval = stats["eval_prompts_truncated"] == 1
     assert overlong_in_train != overlong_in_eval  # the instance is counted on whichever side it fell
     assert stats["train"] + stats["eval"] + stats["train_dropped_overlong"] == 25
+    assert stats["train_empty_inputs"] + stats["eval_empty_inputs"] == 1  # the empty input is kept and counted
+    assert stats["eval_empty_references"] == stats["eval"] == len(echo) > 0
 
 
 def test_resume_check_names_the_first_differing_key(tmp_path):

@@ -209,6 +209,22 @@ def _cache_name(part: str, records: list[dict], encoder: PromptEncoder, tasks: d
     return f"{part}-{key.hexdigest()}"
 
 
+def _count_empty(stats: dict[str, dict], train_records: list[dict], eval_records: list[dict]) -> None:
+    """Empty inputs and empty reference strings are kept, as SNI's own evaluation keeps them; they are
+    counted per task so a user sees them in data_stats.json (and in one warning)."""
+    for part, records in (("train", train_records), ("eval", eval_records)):
+        for r in records:
+            if not r["input"].strip():
+                stats[r["task"]][f"{part}_empty_inputs"] += 1
+    for r in eval_records:
+        stats[r["task"]]["eval_empty_references"] += sum(not ref.strip() for ref in r["references"])
+    totals = {key: sum(s[key] for s in stats.values())
+              for key in ("train_empty_inputs", "eval_empty_inputs", "eval_empty_references")}
+    if any(totals.values()):
+        log.warning("kept as in SNI's evaluation: %s (per task in data_stats.json)",
+                    ", ".join(f"{n} {key.replace('_', ' ')}" for key, n in totals.items() if n))
+
+
 def build_data(data_cfg, eval_cfg, tokenizer, *, need_train: bool = True, cache_dir=None,
                seq2seq: bool = False) -> SNIData:
     """Select, encode (cached under `<cache_dir>/sni/` unless `data.cache=false` or `cache_dir=None`) and
@@ -231,9 +247,11 @@ def build_data(data_cfg, eval_cfg, tokenizer, *, need_train: bool = True, cache_
     stats: dict[str, dict] = {}
     for name in dict.fromkeys(sets.train + sets.eval):
         stats[name] = {"train": 0, "eval": 0, "train_dropped_overlong": 0, "train_answers_truncated": 0,
-                       "eval_prompts_truncated": 0}
+                       "eval_prompts_truncated": 0, "train_empty_inputs": 0, "eval_empty_inputs": 0,
+                       "eval_empty_references": 0}
         for _, part_stats in parts.values():
             stats[name].update(part_stats.get(name, {}))
+    _count_empty(stats, train_records if need_train else [], eval_records)
     dropped = sum(s["train_dropped_overlong"] for s in stats.values())
     if dropped:
         log.warning("%d training instances dropped: their query alone exceeds max_source_length", dropped)
