@@ -243,8 +243,9 @@ def win_rate_csv(w: dict) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["row", "column", "win_rate", "sign_test_p", "tasks", "paper_win_rate"])
-    for key, c in w["cells"].items():
-        a, b = key.split(" > ")
+    pairs = [(a, b) for a in w["methods"] for b in w["methods"] if f"{a} > {b}" in w["cells"]]
+    for a, b in pairs:  # row-major in table order, however the cells dict was ordered (e.g. read back from JSON)
+        c = w["cells"][f"{a} > {b}"]
         writer.writerow([a, b, f"{c['win_rate']:.4f}", f"{c['sign_test_p']:.6g}", c["tasks"],
                          "" if c["paper"] is None else c["paper"]])
     return out.getvalue()

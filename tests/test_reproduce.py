@@ -52,3 +52,24 @@ def test_smoke_profile_end_to_end_reuses_runs_and_reaggregates_identically(tmp_p
     assert names == sorted(p.name for p in out_b.iterdir())
     match, mismatch, errors = filecmp.cmpfiles(out_a, out_b, names, shallow=False)
     assert not mismatch and not errors, mismatch
+
+
+def test_committed_results_match_their_summary():
+    """Committed `results/<profile>/` tables are exactly what `mode-aggregate` renders from the committed
+    `summary.json`: nobody edited a number by hand (re-aggregation from the run dirs is checked above)."""
+    from mode.aggregate import to_csv, to_latex, to_markdown, win_rate_csv, win_rate_latex, win_rate_markdown
+
+    summaries = sorted((REPO / "results").glob("*/summary.json"))
+    assert summaries or not (REPO / "results" / "cpu").exists()
+    for path in summaries:
+        folder, summary = path.parent, json.loads(path.read_text())
+        for name, rows in summary["tables"].items():
+            markdown = (folder / f"{name}.md").read_text()
+            title = markdown.splitlines()[0].removeprefix("# ")
+            assert markdown == to_markdown(rows, title), folder / f"{name}.md"
+            assert (folder / f"{name}.csv").read_text() == to_csv(rows), folder / f"{name}.csv"
+            assert (folder / f"{name}.tex").read_text() == to_latex(rows, title), folder / f"{name}.tex"
+        if "win_rates" in summary:
+            assert (folder / "table3_win_rates.md").read_text() == win_rate_markdown(summary["win_rates"])
+            assert (folder / "table3_win_rates.csv").read_text() == win_rate_csv(summary["win_rates"])
+            assert (folder / "table3_win_rates.tex").read_text() == win_rate_latex(summary["win_rates"])
