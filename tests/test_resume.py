@@ -9,6 +9,7 @@ in-process (an exception nothing in mode catches).
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import pytest
@@ -235,7 +236,7 @@ def test_resume_with_other_settings_is_refused(sni, tmp_path, monkeypatch):
     with pytest.raises(SimulatedCrash):
         train(tiny_cfg(sni), str(run))
     run_lr = tiny_cfg(sni).train.lr  # the default may change; the message must quote whatever the run used
-    with pytest.raises(ModeError, match=rf"resume=true but train.lr=0.1 differs from the run's .*config.yaml \({run_lr}\)"):
+    with pytest.raises(ModeError, match=rf"resume=true but train.lr=0.1 differs from the run's .*config.yaml \({re.escape(str(run_lr))}\)"):
         train(tiny_cfg(sni, "resume=true", "train.lr=0.1"), str(run))
     # where things are and how often to checkpoint may change
     monkeypatch.undo()
