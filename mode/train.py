@@ -87,8 +87,8 @@ def plan_on_main(accelerator, run_dir: Path, cfg, resolved: dict) -> tuple[Path,
     if accelerator.is_main_process:
         try:
             state = plan_run(run_dir, cfg.resume, cfg.force)
-            if state == UNFINISHED:
-                check_resumable(resolved, run_dir)
+            if state in (UNFINISHED, FINISHED):
+                check_resumable(resolved, run_dir, finished=state == FINISHED)
             plan = [(str(run_dir), state, None)]
         except ModeError as err:
             plan = [(str(run_dir), None, str(err))]

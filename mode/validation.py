@@ -73,21 +73,37 @@ def _flatten(node, prefix: str = "") -> dict:
     return {prefix[:-1]: node}
 
 
-def check_resumable(resolved: dict, run_dir) -> None:
+def config_differences(resolved: dict, saved: dict) -> list[tuple[str, object, object]]:
+    """(key, now, then) for every key that changes what is trained or evaluated, sorted by key."""
+    old, new = {**ADDED_KEYS, **_flatten(saved)}, {**ADDED_KEYS, **_flatten(resolved)}
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            continue
+        if old.get(key, _MISSING) != new.get(key, _MISSING):
+            out.append((key, new.get(key, "<absent>"), old.get(key, "<absent>")))
+    return out
+
+
+_MISSING = object()
+
+
+def check_resumable(resolved: dict, run_dir, finished: bool = False) -> None:
     """Refuse `resume=true` when this command's config differs from the run's config.yaml in a key
-    that changes what is trained or evaluated; the message names the first such key and both values."""
+    that changes what is trained or evaluated: continuing it would give a run that matches neither, and
+    reporting a finished one would pass off its old result as this command's. The message names the first
+    such key with both values, and every other differing key."""
     path = Path(run_dir) / "config.yaml"
     try:
         saved = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:
         raise ModeError(f"{path}: unreadable ({err}); cannot check that resuming keeps the run's settings") from err
-    old, new = {**ADDED_KEYS, **_flatten(saved)}, {**ADDED_KEYS, **_flatten(resolved)}
-    missing = object()
-    for key in sorted(set(old) | set(new)):
-        if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
-            continue
-        if old.get(key, missing) != new.get(key, missing):
-            now = new.get(key, "<absent>")
-            then = old.get(key, "<absent>")
-            raise ModeError(f"resume=true but {key}={now!r} differs from the run's {path} ({then!r}); resume with "
-                            "the run's own settings, or start a new run")
+    differ = config_differences(resolved, saved)
+    if not differ:
+        return
+    key, now, then = differ[0]
+    others = f" (also {', '.join(k for k, _, _ in differ[1:])})" if len(differ) > 1 else ""
+    advice = ("that run is finished with other settings: choose another hydra.run.dir (or paths.runs_dir for "
+              "a sweep), or force=true to replace it" if finished else
+              "resume with the run's own settings, or start a new run")
+    raise ModeError(f"resume=true but {key}={now!r} differs from the run's {path} ({then!r}){others}; {advice}")

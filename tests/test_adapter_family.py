@@ -315,6 +315,38 @@ def test_router_runs_in_float32_under_autocast_and_a_bf16_base(method, kw):
     torch.testing.assert_close(gates, reference, rtol=1e-6, atol=1e-6)  # bf16 logits would miss by ~1e-2
 
 
+METHODS_AND_SHAPES = [("lora", {}), ("molora", {}), ("molora_sd", {}), ("mode", {"block_rank": 2}), ("more", {})]
+
+
+@pytest.mark.parametrize("method,kw", METHODS_AND_SHAPES)
+@pytest.mark.parametrize("setting", ["autocast", "bf16_base"])
+def test_bf16_keeps_the_fused_addmm_and_stays_within_bf16_tolerance_of_fp32(method, kw, setting, monkeypatch):
+    """Under bf16 autocast (train.precision=bf16) and with a bf16 base without autocast (generation), every
+    method adds its delta inside one addmm with a bf16 z (float32 gates / masks would promote z and send
+    the layer down a slower unfused path), and the output stays within bf16's tolerance of float32."""
+    model = adapted(method, **kw)
+    x = torch.randn(2, 5, P)
+    ids = torch.tensor([0, 2])
+    with adapter_context(model, task_ids=ids):
+        reference = model(x)
+    if setting == "bf16_base":
+        model.q_proj.base_layer.to(torch.bfloat16)
+        model.o_proj.base_layer.to(torch.bfloat16)
+    calls = []
+    real_addmm = torch.addmm
+
+    def counting_addmm(out, z, up, **kwargs):
+        calls.append((out.dtype, z.dtype))
+        return real_addmm(out, z, up, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", counting_addmm)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast"), adapter_context(model, task_ids=ids):
+        out = model(x.to(torch.bfloat16) if setting == "bf16_base" else x)
+    assert calls == [(torch.bfloat16, torch.bfloat16)] * 2  # one fused GEMM per adapted layer, all in bf16
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2 * reference.abs().max().item())
+
+
 # -- MoRE's straight-through selector ------------------------------------------------------------------
 def test_more_selector_trains_straight_through_toward_the_rank_the_task_needs():
     """Start every task at rank 1 while the target needs all 4 ranks: only the selector trains, and only

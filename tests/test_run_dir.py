@@ -7,6 +7,9 @@ import json
 import pytest
 from tiny_runs import tiny_cfg
 
+from omegaconf import OmegaConf
+
+from mode.config import to_container
 from mode.errors import ModeError
 from mode.run_dir import FINISHED, NEW, UNFINISHED, plan_run
 from mode.train import train
@@ -46,16 +49,34 @@ def test_resume_and_force_together_is_an_error(tmp_path):
         plan_run(tmp_path, resume=True, force=True)
 
 
-def test_resume_of_a_finished_run_reports_it_without_loading_anything(tmp_path, sni_fixture, monkeypatch, capsys):
-    run = make_run(tmp_path, "config.yaml")
+def finished_run(tmp_path, cfg):
+    """A finished run directory whose config.yaml is `cfg`, resolved (as mode-train writes it)."""
+    run = make_run(tmp_path)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))
     (run / "metrics.json").write_text(json.dumps({"rougeL": 12.5, "exact_match": 3.0}))
+    return run
+
+
+def test_resume_of_a_finished_run_reports_it_without_loading_anything(tmp_path, sni_fixture, monkeypatch, capsys):
+    run = finished_run(tmp_path, tiny_cfg(sni_fixture))
 
     def no_model(*args, **kwargs):
         raise AssertionError("a finished run must not load a model")
 
     monkeypatch.setattr("mode.train.load_model_and_tokenizer", no_model)
-    assert train(tiny_cfg(sni_fixture, "resume=true"), str(run))["rougeL"] == 12.5
+    assert train(tiny_cfg(sni_fixture, "resume=true", "train.save_every=9"), str(run))["rougeL"] == 12.5
     assert "already finished: ROUGE-L 12.5" in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_run_with_other_settings_is_refused_naming_every_key(tmp_path, sni_fixture, monkeypatch):
+    """A sweep rerun with other overrides must not re-report the old runs as if they were the new ones."""
+    run = finished_run(tmp_path, tiny_cfg(sni_fixture))
+    monkeypatch.setattr("mode.train.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
+    cfg = tiny_cfg(sni_fixture, "resume=true", "train.max_steps=400", "eval.max_new_tokens=3")
+    with pytest.raises(ModeError, match=r"eval.max_new_tokens=3 differs from the run's .*config.yaml \(\d+\) "
+                                        r"\(also train.max_steps\); that run is finished with other settings"):
+        train(cfg, str(run))
+    assert json.loads((run / "metrics.json").read_text())["rougeL"] == 12.5  # untouched
 
 
 def test_force_replaces_a_finished_run(tmp_path, sni_fixture):

@@ -1,14 +1,18 @@
 """The one wrapper every method shares: a frozen `nn.Linear` plus a trainable low-rank delta.
 
-    y = base(x) + s * delta(dropout(x))
+    y = base(x) + s * delta(dropout(x)),   routers (mixtures) read x itself
 
 Subclasses (one module per method) define their parameters, `branch` and, where the delta does not
 depend on the token, `delta_weight` for merging. Every method's delta ends in one matmul, `z @ up.T`
 (`branch` returns z and up), so the wrapper adds `s * z @ up.T` onto the base output inside that GEMM
 (`addmm`): no [tokens, Q] delta, scaled copy or sum is materialised (PEFT's LoRA makes all three).
-Adapter parameters stay float32 under a bf16/fp16 base (the input is cast up, the delta cast back), as
-PEFT does; router logits are computed in float32 with autocast off, so mixed precision never touches
-the routing decision.
+Adapter parameters stay float32 under a bf16/fp16 base, as PEFT does. Router logits and their softmax are
+float32 with autocast off, so mixed precision never touches the routing decision; the gates (and MoRE's
+rank mask) are then cast to the branch's dtype, so under autocast z stays bf16 and the final GEMM stays
+one `addmm`. With a bf16/fp16 base and no autocast, z and up are cast to the base output's dtype for
+that GEMM (what autocast would do), never the [tokens, Q] output up to float32.
+Routers read the layer's input x, not dropout(x) (SPEC, the papers): dropout regularises the expert
+branch only, so routing is the same function in training and evaluation.
 """
 
 from __future__ import annotations
@@ -52,14 +56,16 @@ class AdapterLayer(nn.Module):
                 raise ModeError(f"adapter.{key}={getattr(cfg, key)} has no meaning for adapter.method="
                                 f"{cfg.method!r}; leave it at 1")
 
-    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z [N, k], up [Q, k]) for input `x` [..., P] (N = its tokens): the unscaled delta is z @ up.T."""
+    def branch(self, x: torch.Tensor, route: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [N, k], up [Q, k]) for branch input `x` [..., P] (N = its tokens): the unscaled delta is z @ up.T.
+
+        `route` is what routers read (the layer's input before dropout; default `x`)."""
         raise NotImplementedError
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
         """The unscaled adapter output for input `x` [..., P] -> [..., Q]."""
-        z, up = self.branch(x)
-        return F.linear(z, up).view(*x.shape[:-1], self.out_features)
+        z, up = self.branch(x, route)
+        return F.linear(z, up.to(z.dtype)).view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self, task: int | None = None) -> torch.Tensor:
         """The unscaled delta as a [Q, P] matrix, for merging into the base weight."""
@@ -92,9 +98,8 @@ class AdapterLayer(nn.Module):
             nn.init.normal_(weight, std=std)
 
     def gates(self, x: torch.Tensor, router: torch.Tensor, blocks: int) -> torch.Tensor:
-        """Softmax routing weights [T, blocks, m] for inputs x [T, P], every block's router in one matmul.
-
-        `router` is [blocks, m, P] (or [m, P] for one block); logits are float32 with autocast off.
+        """Softmax routing weights [T, blocks, m] (float32) for inputs x [T, P], every block's router in one
+        matmul. `router` is [blocks, m, P] (or [m, P] for one block); logits are float32 with autocast off.
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(torch.float32), router.reshape(-1, router.shape[-1]))
@@ -127,10 +132,12 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        z, up = self.branch(self.dropout(x).to(ADAPTER_DTYPE))
-        if z.dtype == out.dtype:  # out + s * z @ up.T in one GEMM
-            return torch.addmm(out.reshape(-1, self.out_features), z, up.t(), alpha=self.scale).view(out.shape)
-        return out + (self.scale * F.linear(z, up)).view(out.shape).to(out.dtype)  # a bf16/fp16 base
+        x = x.to(ADAPTER_DTYPE)
+        z, up = self.branch(self.dropout(x), route=x)
+        if z.dtype != out.dtype and not torch.is_autocast_enabled(out.device.type):  # a bf16/fp16 base
+            z, up = z.to(out.dtype), up.to(out.dtype)
+        # out + s * z @ up.T in one GEMM, for every method and precision
+        return torch.addmm(out.reshape(-1, self.out_features), z, up.t(), alpha=self.scale).view(out.shape)
 
     @torch.no_grad()
     def merge(self, task: int | None = None) -> None:

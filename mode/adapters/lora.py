@@ -19,7 +19,7 @@ class LoRALinear(AdapterLayer):
         self.lora_B = self.new_parameter(self.out_features, cfg.rank, zeros=True)   # [Q, r]
         self.init_down_projection(self.lora_A, cfg)
 
-    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def branch(self, x: torch.Tensor, route: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return F.linear(x.reshape(-1, self.in_features), self.lora_A), self.lora_B
 
     def delta_weight(self, task: int | None = None) -> torch.Tensor:

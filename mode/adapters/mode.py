@@ -17,14 +17,16 @@ from mode.adapters.base import AdapterLayer
 from mode.adapters.registry import register
 
 
-def dyadic_mixture(layer: AdapterLayer, x: torch.Tensor, block_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dyadic_mixture(layer: AdapterLayer, x: torch.Tensor, route: torch.Tensor | None,
+                   block_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused MoDE branch (z [T, r*m], up [Q, r*m]) for x [..., P] with lora_A [r, P], lora_B [m, Q, r],
-    router [(r/p), m, P]: the delta is z @ up.T."""
+    router [(r/p), m, P] reading `route` (default x): the delta is z @ up.T."""
     m, Q, r = layer.lora_B.shape
     blocks = r // block_rank
     flat = x.reshape(-1, x.shape[-1])
+    route = flat if route is None else route.reshape(-1, x.shape[-1])
     h = F.linear(flat, layer.lora_A)                                        # [T, r]
-    g = layer.gates(flat, layer.router, blocks=blocks)                      # [T, r/p, m]
+    g = layer.gates(route, layer.router, blocks=blocks).to(h.dtype)         # [T, r/p, m]
     z = (h.view(-1, blocks, block_rank, 1) * g.unsqueeze(2)).reshape(-1, r * m)  # slot-major (j, i)
     return z, layer.lora_B.permute(1, 2, 0).reshape(Q, r * m)              # column (j, i) = B[i][:, j]
 
@@ -56,8 +58,8 @@ class MoDELinear(AdapterLayer):
     def router_shape(cfg) -> tuple[int, ...]:
         return (cfg.rank // cfg.block_rank, cfg.experts)        # [r/p, m, P]
 
-    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return dyadic_mixture(self, x, self.block_rank)
+    def branch(self, x: torch.Tensor, route: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return dyadic_mixture(self, x, route, self.block_rank)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, experts={self.experts}, block_rank={self.block_rank}"

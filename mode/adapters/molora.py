@@ -36,11 +36,12 @@ class MoLoRALinear(AdapterLayer):
         self.init_down_projection(self.lora_A, cfg)
         self.init_normal(self.router, cfg.router_init_std)
 
-    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def branch(self, x: torch.Tensor, route: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         m, Q, r = self.lora_B.shape
         flat = x.reshape(-1, x.shape[-1])
+        route = flat if route is None else route.reshape(-1, x.shape[-1])
         h = F.linear(flat, self.lora_A.reshape(m * r, -1))                       # [T, m*r], expert-major
-        g = self.gates(flat, self.router, blocks=1).view(-1, m, 1)              # [T, m, 1]
+        g = self.gates(route, self.router, blocks=1).view(-1, m, 1).to(h.dtype)  # [T, m, 1]
         z = (h.view(-1, m, r) * g).reshape(-1, m * r)
         return z, self.lora_B.permute(1, 0, 2).reshape(Q, m * r)               # z @ up.T sums (expert, slot)
 

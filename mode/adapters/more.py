@@ -100,10 +100,11 @@ class MoRELinear(AdapterLayer):
             self._contrastive_loss(x)
         return super().forward(x)
 
-    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def branch(self, x: torch.Tensor, route: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.runtime.require_task_ids(x.shape[0])
-        mask = self.selector.rank_masks()[ids]                                  # [B, R]
-        h = F.linear(x, self.lora_A) * mask.view(x.shape[0], *[1] * (x.dim() - 2), -1)
+        mask = self.selector.rank_masks()[ids]                                  # [B, R], float32
+        h = F.linear(x, self.lora_A)
+        h = h * mask.to(h.dtype).view(x.shape[0], *[1] * (x.dim() - 2), -1)
         return h.reshape(-1, h.shape[-1]), self.lora_B
 
     def _contrastive_loss(self, x: torch.Tensor) -> None:
