@@ -1,47 +1,130 @@
-"""`make reproduce-table PROFILE=smoke|cpu|paper [DRY_RUN=1] [LAUNCHER=joblib|slurm]`.
+"""`make reproduce-table PROFILE=smoke|cpu|paper [DRY_RUN=1] [LAUNCHER=joblib|slurm] [RECORDS=dir]`.
 
-Runs each table of a profile as one Hydra multirun (`mode-train -m experiment=<profile>/<table>
-resume=true`): finished runs are reported and reused (a run shared by several tables trains once),
-interrupted ones continue from their last checkpoint, new ones start. Then `mode-aggregate <profile>`
-writes results/<profile>/. `--dry-run` lists the jobs and their state without running anything (no GPU,
-model or data needed).
+Runs every job (table x adapter preset x seed) of a profile, then `mode-aggregate <profile>` writes
+results/<profile>/. Finished runs are reported and reused (a run shared by several tables trains once),
+interrupted ones continue from their last checkpoint, new ones start.
+
+With the basic launcher each job is one `mode-train experiment=<profile>/<table> adapter=<preset>
+seed=<k> resume=true` process, tables in the order given (`--tables`), seed-major within a table. With
+`--records DIR`, a finished job's light record (config, metrics, predictions, routing, curves, data
+stats, timings, provenance; never adapters or checkpoints) is copied to DIR/<table path>/<preset>/seed<k>,
+and a job whose record is already there with the same config is skipped: work accumulates across
+machines through committed records. A record with another config is refused, naming the keys.
+`--dry-run` lists the jobs and their state without running anything (no GPU, model or data needed).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from mode.aggregate import table_specs
-from mode.errors import exit_on_user_error
-from mode.run_dir import run_state
+from mode.config import compose, to_container
+from mode.errors import ModeError, exit_on_user_error
+from mode.fileio import atomic_write_text
+from mode.run_dir import FINISHED, RECORD_FILES, run_state
+from mode.validation import config_differences
 
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=local_parallel"], "slurm": ["hydra/launcher=slurm"]}
+RECORDED = "recorded"
 
 
-def job_list(profile: str, runs_dir: str | None) -> list[dict]:
-    """Every (table, preset, seed) of the profile with its run dir and state; shared runs listed once."""
+def job_list(profile: str, runs_dir: str | None, records: Path | None = None, tables: list[str] | None = None,
+             overrides: list[str] | None = None) -> list[dict]:
+    """Every (table, preset, seed) of the profile with its run dir, record dir and state; shared runs
+    listed once. A record whose config differs from the job's is refused here, before anything runs."""
+    specs = table_specs(profile, runs_dir)
+    names = tables or list(specs)
+    unknown = [t for t in names if t not in specs]
+    if unknown:
+        raise ModeError(f"--tables: {unknown[0]!r} is not a table of profile {profile!r} ({', '.join(specs)})")
+    root = Path(os.path.commonpath([str(s["sweep_dir"]) for s in specs.values()]))
     jobs, seen = [], set()
-    for table, spec in table_specs(profile, runs_dir).items():
-        for preset in spec["presets"]:
-            for seed in spec["seeds"]:
+    for table in names:
+        spec = specs[table]
+        for seed in spec["seeds"]:
+            for preset in spec["presets"]:
                 run_dir = spec["sweep_dir"] / preset / f"seed{seed}"
-                shared = run_dir in seen
+                record = records / run_dir.relative_to(root) if records else None
+                state = "shared" if run_dir in seen else run_state(run_dir)
                 seen.add(run_dir)
+                if state != "shared" and record is not None and (record / "metrics.json").is_file():
+                    check_record(record, profile, table, preset, seed, overrides or [])
+                    state = RECORDED if state != FINISHED else FINISHED
                 jobs.append({"table": table, "adapter": preset, "seed": seed, "run_dir": run_dir,
-                             "state": "shared" if shared else run_state(run_dir)})
+                             "record": record, "state": state})
     return jobs
 
 
+def job_overrides(profile: str, table: str, preset: str, seed: int) -> list[str]:
+    return [f"experiment={profile}/{table}", f"adapter={preset}", f"seed={seed}"]
+
+
+def check_record(record: Path, profile: str, table: str, preset: str, seed: int, overrides: list[str]) -> None:
+    """A committed record stands for this job only if it was made with the same config."""
+    saved = to_container(OmegaConf.load(record / "config.yaml"))
+    resolved = to_container(compose("train", job_overrides(profile, table, preset, seed) + overrides))
+    differ = config_differences(resolved, saved)
+    if differ:
+        key, now, then = differ[0]
+        others = f" (also {', '.join(k for k, _, _ in differ[1:])})" if len(differ) > 1 else ""
+        raise ModeError(f"{record}: recorded with {key}={then!r}, but this job has {key}={now!r}{others}; "
+                        "record it elsewhere (--records) or move the old record aside")
+
+
+def copy_record(run_dir: Path, record: Path) -> None:
+    """The finished run's light record into `record` (each file written atomically)."""
+    record.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        source = run_dir / name
+        if source.is_file():
+            atomic_write_text(record / name, source.read_text(encoding="utf-8"))
+
+
 def print_jobs(jobs: list[dict]) -> None:
-    width = max(len(j["adapter"]) for j in jobs)
+    width, tw = max(len(j["adapter"]) for j in jobs), max(len(j["table"]) for j in jobs)
     for j in jobs:
-        print(f"{j['table']:<8} adapter={j['adapter']:<{width}} seed={j['seed']:<3} {j['state']:<10} {j['run_dir']}")
+        where = j["record"] if j["state"] == RECORDED else j["run_dir"]
+        print(f"{j['table']:<{tw}} adapter={j['adapter']:<{width}} seed={j['seed']:<3} {j['state']:<10} {where}")
     todo = sum(j["state"] in ("new", "unfinished") for j in jobs)
-    print(f"{len(jobs)} jobs listed, {todo} to run ({sum(j['state'] == 'finished' for j in jobs)} finished, "
-          f"{sum(j['state'] == 'shared' for j in jobs)} shared with an earlier table)")
+    counts = {s: sum(j["state"] == s for j in jobs) for s in (FINISHED, RECORDED, "shared")}
+    print(f"{len(jobs)} jobs listed, {todo} to run ({counts[FINISHED]} finished, {counts[RECORDED]} recorded, "
+          f"{counts['shared']} shared with an earlier table)", flush=True)
+
+
+def run_jobs(jobs: list[dict], profile: str, extra: list[str]) -> None:
+    """One mode-train process per job, in order; records copied as each job finishes."""
+    for j in jobs:
+        if j["state"] in ("shared", RECORDED):
+            continue
+        if j["state"] != FINISHED:
+            cmd = [sys.executable, "-m", "mode.train", *job_overrides(profile, j["table"], j["adapter"], j["seed"]),
+                   f"hydra.run.dir={j['run_dir']}", "resume=true", *extra]
+            print("+ " + " ".join(cmd), flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                sys.exit(f"reproduce: job {j['adapter']} seed {j['seed']} of {j['table']} failed; rerun the same "
+                         "command to continue where it stopped")
+        if j["record"] is not None:
+            copy_record(j["run_dir"], j["record"])
+            print(f"recorded {j['record']}", flush=True)
+
+
+def run_sweeps(jobs: list[dict], profile: str, extra: list[str]) -> None:
+    """One Hydra multirun per table (joblib / SLURM launchers fan the jobs out)."""
+    for table in dict.fromkeys(j["table"] for j in jobs):
+        cmd = [sys.executable, "-m", "mode.train", "-m", f"experiment={profile}/{table}", "resume=true", *extra]
+        print("+ " + " ".join(cmd), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit(f"reproduce: the {table} sweep failed; rerun the same command to continue where it stopped")
+    for j in jobs:
+        if j["record"] is not None and run_state(j["run_dir"]) == FINISHED:
+            copy_record(j["run_dir"], j["record"])
 
 
 @exit_on_user_error
@@ -51,24 +134,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the jobs and their state; run nothing")
     parser.add_argument("--launcher", default="basic", choices=sorted(LAUNCHERS))
     parser.add_argument("--runs-dir", help="paths.runs_dir for the sweeps (default: as configured)")
+    parser.add_argument("--records", help="copy each finished job's light record here; skip jobs recorded there")
+    parser.add_argument("--tables", help="comma-separated tables to run, in this order (default: all, by name)")
+    parser.add_argument("--no-aggregate", action="store_true", help="run the jobs only")
     parser.add_argument("--out", help="results folder (default: results/<profile>)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job, e.g. logger=wandb")
     args = parser.parse_args(argv)
 
-    jobs = job_list(args.profile, args.runs_dir)
+    records = Path(args.records).resolve() if args.records else None
+    tables = [t.strip() for t in args.tables.split(",")] if args.tables else None
+    jobs = job_list(args.profile, args.runs_dir, records, tables, args.overrides)
     print_jobs(jobs)
     if args.dry_run:
         return
-    extra = LAUNCHERS[args.launcher] + ([f"paths.runs_dir={args.runs_dir}"] if args.runs_dir else []) + args.overrides
+    extra = ([f"paths.runs_dir={args.runs_dir}"] if args.runs_dir else []) + args.overrides
     start = time.perf_counter()
-    for table in dict.fromkeys(j["table"] for j in jobs):
-        cmd = [sys.executable, "-m", "mode.train", "-m", f"experiment={args.profile}/{table}", "resume=true", *extra]
-        print("+ " + " ".join(cmd), flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            sys.exit(f"reproduce: the {table} sweep failed; rerun the same command to continue where it stopped")
+    if args.launcher == "basic":
+        run_jobs(jobs, args.profile, extra)
+    else:
+        run_sweeps(jobs, args.profile, LAUNCHERS[args.launcher] + extra)
     print(f"sweeps done in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.no_aggregate:
+        return
     aggregate = [sys.executable, "-m", "mode.aggregate", args.profile]
     aggregate += (["--runs-dir", args.runs_dir] if args.runs_dir else []) + (["--out", args.out] if args.out else [])
+    aggregate += ["--records", str(records)] if records else []
     sys.exit(subprocess.run(aggregate).returncode)
 
 

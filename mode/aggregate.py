@@ -60,13 +60,13 @@ def shape_label(shape: tuple) -> str:
 
 
 def table_specs(profile: str, runs_dir: str | None) -> dict[str, dict]:
-    """table name -> {sweep_dir, presets, seeds} from conf/experiment/<profile>/table*.yaml."""
+    """table name -> {sweep_dir, presets, seeds} from conf/experiment/<profile>/*.yaml (all but base.yaml)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    files = sorted((CONF_DIR / "experiment" / profile).glob("table*.yaml"))
+    files = sorted(p for p in (CONF_DIR / "experiment" / profile).glob("*.yaml") if p.stem != "base")
     if not files:
-        raise ModeError(f"profile {profile!r} has no table experiments (conf/experiment/{profile}/table*.yaml)")
+        raise ModeError(f"profile {profile!r} has no table experiments (conf/experiment/{profile}/*.yaml)")
     specs = {}
     for path in files:
         overrides = [f"experiment={profile}/{path.stem}"] + ([f"paths.runs_dir={runs_dir}"] if runs_dir else [])
@@ -97,10 +97,20 @@ def paper_row(paper: dict, table: str, shape: tuple) -> dict | None:
     return None
 
 
-def collect(profile: str, runs_dir: str | None) -> tuple[dict[str, list[Cell]], dict]:
-    """Cells of every table of the profile, with the finished runs found for them."""
+def default_records(profile: str) -> Path | None:
+    """results/<profile>/runs: the committed light records of finished jobs, when the profile has them."""
+    path = REPO_DIR / "results" / profile / "runs"
+    return path if path.is_dir() else None
+
+
+def collect(profile: str, runs_dir: str | None, records: Path | None = None) -> tuple[dict[str, list[Cell]], dict]:
+    """Cells of every table of the profile, with the finished runs found for them: a run directory of the
+    sweep, else the job's light record under `records` (same relative path below the profile's sweeps)."""
+    import os
+
     paper = yaml.safe_load(PAPER_TABLES.read_text())
     specs = table_specs(profile, runs_dir)
+    root = Path(os.path.commonpath([str(s["sweep_dir"]) for s in specs.values()]))
     tables: dict[str, list[Cell]] = {}
     for name, spec in specs.items():
         cells = []
@@ -110,6 +120,8 @@ def collect(profile: str, runs_dir: str | None) -> tuple[dict[str, list[Cell]], 
             cell = Cell(preset, shape, spec["seeds"], row["label"] if row else shape_label(shape), row)
             for seed in spec["seeds"]:
                 run = spec["sweep_dir"] / preset / f"seed{seed}"
+                if not (run / "metrics.json").is_file() and records is not None:
+                    run = records / run.relative_to(root)
                 if (run / "metrics.json").is_file():
                     cell.runs[seed] = run
                     cell.metrics[seed] = json.loads((run / "metrics.json").read_text())
@@ -357,8 +369,8 @@ def setting(cells: list[Cell]) -> str:
 
 
 # -- entry point -----------------------------------------------------------------------------------------
-def aggregate(profile: str, runs_dir: str | None, out_dir: Path) -> dict:
-    tables, paper = collect(profile, runs_dir)
+def aggregate(profile: str, runs_dir: str | None, out_dir: Path, records: Path | None = None) -> dict:
+    tables, paper = collect(profile, runs_dir, records)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"profile": profile, "tables": {}}
     found = sum(len(c.metrics) for cells in tables.values() for c in cells)
@@ -390,10 +402,12 @@ def run(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mode-aggregate", description=__doc__.splitlines()[0])
     parser.add_argument("profile", help="smoke | cpu | paper (a folder of conf/experiment/)")
     parser.add_argument("--runs-dir", help="where the runs are (paths.runs_dir of the sweeps; default: as configured)")
+    parser.add_argument("--records", help="committed light records of finished jobs (default: results/<profile>/runs)")
     parser.add_argument("--out", help="output folder (default: results/<profile>)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else REPO_DIR / "results" / args.profile
-    summary = aggregate(args.profile, args.runs_dir, out)
+    records = Path(args.records) if args.records else default_records(args.profile)
+    summary = aggregate(args.profile, args.runs_dir, out, records)
     done = sum(int(r["seeds"].split("/")[0]) for rows in summary["tables"].values() for r in rows)
     print(f"{len(summary['tables'])} tables ({done} run cells) -> {out}")
 

@@ -51,6 +51,7 @@ class TrainingProgress:
     last_loss: float = float("nan")      # reported in metrics.json even when resuming after the last step
     train_time_s: float = 0.0            # summed over every attempt of the run
     data_fingerprint: str = ""           # the training examples a checkpoint was trained on
+    curves: dict = dataclasses.field(default_factory=lambda: {"train": [], "eval": []})  # curves.json
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -93,9 +93,11 @@ def score(rows: list[dict], categories: dict[str, list[str]] | None = None) -> d
 TIMING_KEYS = ("train_time_s", "eval_time_s")
 
 
-def write_results(out_dir, metrics: dict, rows: list[dict], routing: dict | None = None) -> None:
-    """predictions.jsonl, routing.json (mixtures: routing statistics of the evaluation), timings.json and
-    metrics.json, last: its presence marks a finished run.
+def write_results(out_dir, metrics: dict, rows: list[dict], routing: dict | None = None,
+                  curves: dict | None = None) -> None:
+    """predictions.jsonl, routing.json (mixtures: routing statistics of the evaluation), curves.json
+    (training: loss, routing and subset ROUGE-L over steps), timings.json and metrics.json, last: its
+    presence marks a finished run.
 
     Wall-clock times go to timings.json so that metrics.json is a function of config and seed alone:
     the same run repeated on CPU writes an identical file.
@@ -107,6 +109,8 @@ def write_results(out_dir, metrics: dict, rows: list[dict], routing: dict | None
         text = re.sub(r"\[\s+([-0-9.e,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
                       json.dumps(routing, indent=2))
         atomic_write_text(out_dir / "routing.json", text + "\n")
+    if curves is not None:
+        atomic_write_text(out_dir / "curves.json", json.dumps(curves, indent=1) + "\n")
     timings = {k: v for k, v in metrics.items() if k in TIMING_KEYS}
     atomic_write_text(out_dir / "timings.json", json.dumps(timings, indent=2, sort_keys=True) + "\n")
     results = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}

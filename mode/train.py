@@ -30,13 +30,14 @@ from mode.data.collate import collate_train
 from mode.data.dataset import build_data
 from mode.data.sampling import MixtureSampler
 from mode.errors import ModeError, TrainingInterrupted, exit_on_user_error
-from mode.eval import evaluate, write_results
+from mode.eval import evaluate, score, write_results
 from mode.fileio import atomic_write_text
 from mode.loggers import make_logger
 from mode.losses import AnswerLoss
 from mode.models import load_model_and_tokenizer, non_embedding_parameters
 from mode.optim import make_optimizer, make_scheduler
 from mode.preemption import StopRequest
+from mode.provenance import record_attempt
 from mode.run_dir import FINISHED, NEW, UNFINISHED, clear_run, finished_metrics, plan_run
 from mode.validation import PRECISIONS, check_resumable, validate_config
 
@@ -130,6 +131,35 @@ def eager(compiled: bool):
     return set_stance("force_eager") if compiled and set_stance else contextlib.nullcontext()
 
 
+def curve_steps(max_steps: int, points: int) -> list[int]:
+    """`points` evaluation steps evenly inside the run (the final evaluation closes the curve)."""
+    return sorted({round(max_steps * (k + 1) / (points + 1)) for k in range(points)} - {0, max_steps})
+
+
+def curve_subset(examples, per_task: int) -> list[dict]:
+    """The first `per_task` evaluation instances of each task: a fixed subset, the same at every point."""
+    taken: dict[str, int] = {}
+    rows = []
+    for e in examples:
+        if taken.get(e["task"], 0) < per_task:
+            taken[e["task"]] = taken.get(e["task"], 0) + 1
+            rows.append(e)
+    return rows
+
+
+CURVE_KEYS = ("rougeL", "exact_match", "num_instances")
+
+
+def curve_point(model, tokenizer, rows, eval_cfg, accelerator, diagnostics, compiled: bool) -> dict:
+    """ROUGE-L of the curve subset now, without touching the training RNG streams or routing windows."""
+    diagnostics.stop()
+    devices = [] if accelerator.device.type == "cpu" else None
+    with torch.random.fork_rng(devices=devices), eager(compiled):
+        metrics, _ = evaluate(model, tokenizer, rows, eval_cfg, accelerator)
+    diagnostics.start()
+    return {k: metrics[k] for k in CURVE_KEYS}
+
+
 def run_name(cfg) -> str:
     a = cfg.adapter
     shape = {"lora": f"r{a.rank}", "more": f"R{a.rank}"}.get(a.method, f"{a.experts}x{a.rank}x{a.block_rank}")
@@ -182,6 +212,8 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
 
     log.info("%d tasks, %d training / %d evaluation instances; %s trainable adapter parameters",
              len(data.tasks), len(data.train), len(data.eval), f"{n_trainable:,}")
+    curve_at = curve_steps(cfg.train.max_steps, cfg.eval.curve_points)
+    curve_rows = curve_subset(data.eval, cfg.eval.curve_instances_per_task) if curve_at else []
 
     accum = accumulation_steps(cfg.train, accelerator.num_processes)
     sampler = MixtureSampler(data.train.column("task_index"), cfg.train.batch_size, cfg.seed, cfg.data.sampling,
@@ -200,6 +232,13 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
                                 cfg.train.save_every, cfg.train.keep_checkpoints)
     if state == UNFINISHED and checkpointer.resume():
         log.info("resuming from %s (step %d of %d)", checkpointer.last, progress.step, cfg.train.max_steps)
+    if is_main:
+        attempt = record_attempt(run_dir, from_step=progress.step, precision=cfg.train.precision,
+                                 device=str(accelerator.device), processes=accelerator.num_processes)
+        log.info("device %s x %d process(es), precision %s; %s (%s), commit %s%s", accelerator.device,
+                 accelerator.num_processes, cfg.train.precision, attempt["cpu"],
+                 ", ".join(attempt.get("cpu_features", [])) or "no AVX2", attempt.get("commit", "unknown")[:12],
+                 " (uncommitted changes)" if attempt.get("dirty") else "")
     logger = make_logger(cfg, str(run_dir), resolved, run_name(cfg), is_main)
     logger.summary({"trainable_parameters": n_trainable, "base_parameters": n_base})
 
@@ -247,9 +286,16 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps:
             elapsed = time.perf_counter() - window_start
-            logger.log({"train/loss": window_loss / window_steps, "train/lr": scheduler.get_last_lr()[0],
-                        "train/step_time_s": elapsed / window_steps, **diagnostics.scalars(reduce)}, step=step + 1)
+            scalars = {"train/loss": window_loss / window_steps, "train/lr": scheduler.get_last_lr()[0],
+                       "train/step_time_s": elapsed / window_steps, **diagnostics.scalars(reduce)}
+            logger.log(scalars, step=step + 1)
+            progress.curves["train"].append({"step": step + 1, **{k: v for k, v in scalars.items() if k.count("/") == 1}})
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if step + 1 in curve_at:
+            point = curve_point(model, tokenizer, curve_rows, cfg.eval, accelerator, diagnostics, cfg.train.compile)
+            progress.curves["eval"].append({"step": step + 1, **point})
+            logger.log({f"curve/{k}": v for k, v in point.items()}, step=step + 1)
+            window_start = time.perf_counter()  # the window's step time counts training only
         progress.step, progress.last_loss, progress.train_time_s = step + 1, last_loss, time.perf_counter() - train_start
         signum = stop.requested(accelerator)
         if checkpointer.due(step + 1, cfg.train.max_steps) or signum:
@@ -274,9 +320,16 @@ def _train(cfg: DictConfig, run_dir: str, stop: StopRequest) -> dict:
     if is_main:
         metrics.update({"trainable_parameters": n_trainable, "base_parameters": n_base,
                         "base_non_embedding_parameters": n_base_non_embedding,
-                        "train_steps": cfg.train.max_steps, "train_loss": last_loss,
+                        "train_steps": cfg.train.max_steps,
+                        "train_loss": last_loss if math.isfinite(last_loss) else None,  # null: no step taken
                         "train_time_s": round(train_time, 1)})
-        write_results(run_dir, metrics, predictions, routing)
+        curves = progress.curves
+        if curve_at:  # the final evaluation's score on the same subset closes the curve
+            ids = {e["id"] for e in curve_rows}
+            final = score([r for r in predictions if r["id"] in ids])
+            curves = {**curves, "eval": [*curves["eval"], {"step": cfg.train.max_steps,
+                                                            **{k: final[k] for k in CURVE_KEYS}}]}
+        write_results(run_dir, metrics, predictions, routing, curves=curves)
         checkpointer.remove_all()  # the run is finished: its adapter is in adapter/, it is never resumed
         logger.summary({f"eval/{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))})
         logger.table("eval/per_task", ["task", "rougeL", "exact_match"],

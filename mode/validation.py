@@ -23,7 +23,7 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 RESUMABLE_CHANGES = ("resume", "force", "logger", "paths", "data.sni_dir", "train.save_every",
                      "train.keep_checkpoints", "train.log_every")
 # Keys added after runs may have started: a run's config.yaml without one ran with this value.
-ADDED_KEYS = {"train.compile": False}
+ADDED_KEYS = {"train.compile": False, "eval.curve_points": 0, "eval.curve_instances_per_task": 5}
 
 
 def _integer(cfg, key: str, minimum: int, allow_none: bool = False) -> None:
@@ -46,6 +46,8 @@ def validate_config(cfg) -> None:
     _integer(cfg, "train.save_every", 0)
     _integer(cfg, "data.max_instances_per_task", 1, allow_none=True)
     _integer(cfg, "eval.max_instances_per_task", 1, allow_none=True)
+    _integer(cfg, "eval.curve_points", 0)
+    _integer(cfg, "eval.curve_instances_per_task", 1)
     lr = cfg.train.lr
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise ModeError(f"train.lr={lr!r} must be a positive number")

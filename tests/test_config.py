@@ -9,7 +9,7 @@ from mode.adapters import AdapterConfig
 from mode.config import CONF_DIR, compose
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra" and any(p.rglob("*.yaml")))
-# Nested options too (adapter=paper/mode_16x4x1, experiment=cpu/table2); experiment/<profile>/base.yaml
+# Nested options too (adapter=paper/mode_16x4x1, experiment=cpu_check/table2); experiment/<profile>/base.yaml
 # files are fragments the tables include, but they compose on their own as well.
 OPTIONS = [(g, f.relative_to(CONF_DIR / g).with_suffix("").as_posix())
            for g in GROUPS for f in sorted((CONF_DIR / g).rglob("*.yaml"))]
@@ -29,7 +29,7 @@ def test_launcher_configs_compose(launcher):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["experiment=cpu/table2", f"hydra/launcher={launcher}"],
+        cfg = hydra_compose("train", overrides=["experiment=cpu_check/table2", f"hydra/launcher={launcher}"],
                             return_hydra_config=True)
     GlobalHydra.instance().clear()
     assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, needs_shared_sni, needs_stories
 
 DRIVER = [sys.executable, str(REPO / "experiments" / "reproduce.py")]
@@ -73,3 +74,34 @@ def test_committed_results_match_their_summary():
             assert (folder / "table3_win_rates.md").read_text() == win_rate_markdown(summary["win_rates"])
             assert (folder / "table3_win_rates.csv").read_text() == win_rate_csv(summary["win_rates"])
             assert (folder / "table3_win_rates.tex").read_text() == win_rate_latex(summary["win_rates"])
+
+
+def test_committed_records_stand_for_their_jobs_and_a_changed_config_is_refused(tmp_path):
+    """Work accumulates across machines through committed records: a job recorded with the same config is
+    skipped; one recorded with another config is refused before anything runs, naming the key."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from mode.config import compose, to_container
+    from mode.errors import ModeError
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "experiments" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+
+    records = tmp_path / "records"
+    jobs = reproduce.job_list("smoke", str(tmp_path / "runs"), records)
+    first = jobs[0]
+    assert first["state"] == "new" and first["record"] == records / first["adapter"] / f"seed{first['seed']}"
+    cfg = to_container(compose("train", reproduce.job_overrides("smoke", first["table"], first["adapter"], first["seed"])))
+    first["record"].mkdir(parents=True)
+    (first["record"] / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    (first["record"] / "metrics.json").write_text('{"rougeL": 1.0}')
+    again = reproduce.job_list("smoke", str(tmp_path / "runs"), records)
+    assert again[0]["state"] == "recorded" and all(j["state"] != "recorded" for j in again[1:])
+
+    cfg["train"]["max_steps"] += 1
+    (first["record"] / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    with pytest.raises(ModeError, match=r"recorded with train.max_steps=\d+, but this job has train.max_steps="):
+        reproduce.job_list("smoke", str(tmp_path / "runs"), records)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_runs import tiny_cfg
-
 from omegaconf import OmegaConf
+from tiny_runs import tiny_cfg
 
 from mode.config import to_container
 from mode.errors import ModeError
