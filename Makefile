@@ -16,9 +16,9 @@ help:
 	@echo "make test      the default test suite (slow tests excluded)"
 	@echo "make test-all  every test, slow ones included"
 	@echo "make lint      ruff"
-	@echo "make reproduce-table PROFILE=smoke|cpu|paper [DRY_RUN=1] [LAUNCHER=basic|joblib|slurm]"
+	@echo "make reproduce-table PROFILE=smoke|cpu_check|cpu|paper [DRY_RUN=1] [LAUNCHER=basic|joblib|slurm]"
 	@echo "                the profile's table sweeps (finished runs reused), then results/<PROFILE>/"
-	@echo "make aggregate PROFILE=...   only rebuild results/<PROFILE>/ from finished runs"
+	@echo "make aggregate PROFILE=...   only rebuild results/<PROFILE>/ from finished runs (or the records in results/<PROFILE>/runs/)"
 	@echo "make bench     speed + memory of every method vs PEFT LoRA and the per-expert loop (~15 min) -> benchmarks/results/"
 	@echo "make bench-quick  the same at toy size (~1-2 min)   make bench-data  tokenisation cache timings (~10-15 min)"
 
@@ -42,7 +42,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(ARGS)
 
 reproduce-table: $(STAMP)
-	$(BIN)/python experiments/reproduce.py $(PROFILE) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run) $(ARGS)
+	$(BIN)/python experiments/reproduce.py $(PROFILE) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run) $(if $(RECORDS),--records $(RECORDS)) $(ARGS)
 
 aggregate: $(STAMP)
 	$(BIN)/mode-aggregate $(PROFILE) $(ARGS)

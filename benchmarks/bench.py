@@ -11,7 +11,7 @@ Parts (each replaces its own section of `<out>/bench.json`; `<out>/bench.md` is 
             rounds of the two setups' times in the same round.
 - layer:    forward + backward of one adapted q_proj alone (its input needing a gradient, as inside a
             network): the adapters' own cost, without the frozen model around it. Interleaved the same way.
-- generate: greedy decoding tokens/s through `mode.eval.generate` (the evaluation path), interleaved the same way.
+- generate: greedy decoding tokens/s through `mode.evaluation.generate` (the evaluation path), interleaved the same way.
 - memory:   peak resident memory of the training steps, each setup in a fresh process (`memory_child`).
 - profile:  torch.profiler of one step of LoRA r64, MoDE 16x4 and its per-expert loop: where the time goes.
 - padding:  tokens processed per real token on the case-study data, with and without length grouping.
@@ -91,7 +91,7 @@ def part_step(args, base, tokenizer) -> dict:
 
 
 def part_generate(args, base, tokenizer) -> dict:
-    from mode.eval import generate
+    from mode.evaluation import generate
 
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, base.config.vocab_size, (args.gen_prompt,), generator=gen).tolist()
@@ -199,7 +199,7 @@ def part_memory(args) -> dict:
 
 # -- padding and the data path ---------------------------------------------------------------------------------------
 class _Lengths:
-    """Rows that expose only their length, for `mode.train.micro_batches`."""
+    """Rows that expose only their length, for `mode.training.distributed.micro_batches`."""
 
     def __init__(self, lengths):
         self.lengths = lengths
@@ -210,11 +210,11 @@ class _Lengths:
 
 def part_padding(args, steps: int = 200) -> dict:
     """Exact token counts on the case-study data with the model's tokenizer (no timing involved)."""
-    from mode.config import compose
     from mode.data.dataset import build_data
     from mode.data.sampling import MixtureSampler
     from mode.models import load_model_and_tokenizer
-    from mode.train import micro_batches
+    from mode.run.config import compose
+    from mode.training.distributed import micro_batches
 
     cfg = compose("train", [f"model={args.model}"])
     _, tokenizer = load_model_and_tokenizer(cfg.model)

@@ -13,8 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from mode.adapters import AdapterLayer, apply_adapters
+from mode.adapters.dyadic import MoDELinear
 from mode.adapters.inject import adapter_layers
-from mode.adapters.mode import MoDELinear
 from mode.adapters.molora import MoLoRALinear
 
 

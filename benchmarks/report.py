@@ -199,7 +199,7 @@ def render(results: dict) -> str:
         s, run = g["setups"], g["run"]
         ref = "lora64" if "lora64" in s else next(iter(s))
         lines += ["## Generation (the evaluation path)", "", _measured(run), _shape(run),
-                  f"`mode.eval.generate` (greedy, KV cache, left padding): {run['gen_batch']} prompts of "
+                  f"`mode.evaluation.generate` (greedy, KV cache, left padding): {run['gen_batch']} prompts of "
                   f"{run['gen_prompt']} tokens, {run['gen_tokens']} new tokens each with end-of-sequence suppressed "
                   f"(every setup decodes the same {g['tokens_per_call']} tokens), routing statistics on as in "
                   f"mode-train's evaluation; {run['rounds']} rounds.", "",

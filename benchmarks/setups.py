@@ -53,8 +53,8 @@ def load_base(model_name: str, layers: int | None):
     """The frozen base model (a conf/model name) with its first `layers` decoder layers (None: all)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mode.config import compose
     from mode.models import load_model_and_tokenizer, resolve_model_path
+    from mode.run.config import compose
 
     cfg = compose("train", [f"model={model_name}"]).model
     if cfg.get("random_init") or not layers:
@@ -127,7 +127,7 @@ class TrainStep:
     """One optimizer step of mode.train's loop: summed answer-token loss / answer tokens, backward, clip, AdamW."""
 
     def __init__(self, model, batch, lr: float = 1e-4):
-        from mode.losses import AnswerLoss
+        from mode.training.losses import AnswerLoss
 
         self.loss = AnswerLoss(model).train()
         self.params = [p for p in model.parameters() if p.requires_grad]

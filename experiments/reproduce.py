@@ -24,12 +24,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mode.aggregate import table_specs
-from mode.config import compose, to_container
 from mode.errors import ModeError, exit_on_user_error
-from mode.fileio import atomic_write_text
-from mode.run_dir import FINISHED, RECORD_FILES, run_state
-from mode.validation import config_differences
+from mode.report.aggregate import table_specs
+from mode.run.config import compose, to_container
+from mode.run.fileio import atomic_write_text
+from mode.run.resume import config_differences
+from mode.run.run_dir import FINISHED, RECORD_FILES, run_state
 
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=local_parallel"], "slurm": ["hydra/launcher=slurm"]}
 RECORDED = "recorded"
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sweeps done in {time.perf_counter() - start:.0f} s", flush=True)
     if args.no_aggregate:
         return
-    aggregate = [sys.executable, "-m", "mode.aggregate", args.profile]
+    aggregate = [sys.executable, "-m", "mode.report.aggregate", args.profile]
     aggregate += (["--runs-dir", args.runs_dir] if args.runs_dir else []) + (["--out", args.out] if args.out else [])
     aggregate += ["--records", str(records)] if records else []
     sys.exit(subprocess.run(aggregate).returncode)

@@ -11,7 +11,7 @@ import sys
 RUN = """
 import sys, time
 from transformers import AutoTokenizer
-from mode.config import compose
+from mode.run.config import compose
 from mode.data.dataset import build_data
 from mode.models import resolve_model_path
 cfg = compose("train", sys.argv[2:])

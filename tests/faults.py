@@ -29,36 +29,37 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    import mode.checkpoint
+    import mode.data.sampling
     import mode.train
+    import mode.training.checkpoint
 
     armed = {"on": when is None, "saving": None}
 
-    original_train = mode.train._train
+    original_setup = mode.train.setup
 
-    def train(cfg, run_dir, stop):
+    def setup(cfg, run_dir):
         value = os.environ.get("RANK", "0") if when and when[0] == "rank" else when and OmegaConf.select(cfg, when[0])
         armed["on"] = when is None or str(value) == when[1]
-        return original_train(cfg, run_dir, stop)
+        return original_setup(cfg, run_dir)
 
-    mode.train._train = train
+    mode.train.setup = setup
 
-    original_indices = mode.train.MixtureSampler.indices
+    original_indices = mode.data.sampling.MixtureSampler.indices
 
     def indices(self, k):
         if armed["on"] and k == step and fault in ("kill-at-step", "term-at-step"):
             os.kill(os.getpid(), signal.SIGKILL if fault == "kill-at-step" else signal.SIGTERM)
         return original_indices(self, k)
 
-    mode.train.MixtureSampler.indices = indices
+    mode.data.sampling.MixtureSampler.indices = indices
 
-    original_save = mode.checkpoint.Checkpointer.save
+    original_save = mode.training.checkpoint.Checkpointer.save
 
     def save(self, k):
         armed["saving"] = k
         return original_save(self, k)
 
-    mode.checkpoint.Checkpointer.save = save
+    mode.training.checkpoint.Checkpointer.save = save
 
     original_torch_save = torch.save
 

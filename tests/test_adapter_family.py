@@ -403,6 +403,28 @@ def test_routing_statistics_cover_real_tokens_only(method, kw):
     assert diagnostics.summary()["routed_layers"]["q_proj"]["tokens"] == 0  # scalars() started a new window
 
 
+@pytest.mark.parametrize("method,kw", [("molora", {}), ("mode", {"block_rank": 2})])
+def test_per_task_routing_usage_is_the_mean_gate_over_that_tasks_real_tokens(method, kw):
+    """routing.json's task_usage (what the case study's specialisation analysis reads), against gates
+    computed by hand for each sequence's real tokens."""
+    model = adapted(method, **kw)
+    x = torch.randn(3, 4, P)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    ids = torch.tensor([2, 0, 2])
+    diagnostics = AdapterDiagnostics(model)
+    diagnostics.start(tasks=4)
+    with adapter_context(model, task_ids=ids, attention_mask=mask):
+        model(x)
+    usage = diagnostics.summary(tasks=["a", "b", "c", "d"])["routed_layers"]["q_proj"]["task_usage"]
+    assert set(usage) == {"a", "c"}  # tasks without tokens are left out
+    layer = model.q_proj
+    blocks = layer.router.numel() // (3 * P)
+    gates = (x @ layer.router.reshape(-1, P).T).view(3, 4, blocks, 3).softmax(-1)  # [B, S, blocks, m]
+    for name, rows in (("a", [1]), ("c", [0, 2])):
+        real = torch.cat([gates[b][mask[b].bool()] for b in rows])
+        torch.testing.assert_close(torch.tensor(usage[name]), real.mean(0), rtol=0, atol=1e-4)
+
+
 def test_more_diagnostics_report_each_tasks_rank_and_the_contrastive_loss():
     model = adapted("more")
     diagnostics = AdapterDiagnostics(model)
@@ -416,3 +438,41 @@ def test_more_diagnostics_report_each_tasks_rank_and_the_contrastive_loss():
     scalars = diagnostics.scalars()
     assert scalars["train/contrastive_loss"] == pytest.approx(aux.item() / 0.1)
     assert runtime.aux == {}  # the context restored the runtime
+
+
+# -- silent wrong results that are now refused ---------------------------------------------------------------
+def test_an_adapter_saved_with_another_scale_is_refused_naming_alpha(tmp_path):
+    torch.manual_seed(0)
+    base = Tiny()
+    save_adapters(apply_adapters(copy.deepcopy(base), cfg("mode", alpha=8)), tmp_path)
+    target = apply_adapters(copy.deepcopy(base), cfg("mode", alpha=16))  # same shapes, twice the scale
+    with pytest.raises(ModeError, match=r"adapter_config.json: adapter.alpha=8, but the model's adapters have "
+                                        r"adapter.alpha=16"):
+        load_adapters(target, tmp_path)
+    load_adapters(apply_adapters(copy.deepcopy(base), cfg("mode", alpha=8)), tmp_path)  # the same one loads
+
+
+def test_an_adapter_loaded_into_another_base_of_the_same_shapes_is_refused(tmp_path):
+    torch.manual_seed(0)
+    trained_on = Tiny()
+    save_adapters(apply_adapters(copy.deepcopy(trained_on), cfg("lora")), tmp_path)
+    torch.manual_seed(1)
+    with pytest.raises(ModeError, match="trained on another base model"):
+        load_adapters(apply_adapters(Tiny(), cfg("lora")), tmp_path)
+    # the same base in bfloat16 is the same base
+    load_adapters(apply_adapters(copy.deepcopy(trained_on).to(torch.bfloat16), cfg("lora")), tmp_path)
+
+
+@pytest.mark.parametrize("config,match", [
+    ({**cfg("mode"), "block_rnak": 2}, r"adapter.block_rnak is not an adapter key \(did you mean adapter.block_rank\?\)"),
+    ({**cfg("lora"), "zzz": 1}, r"adapter.zzz is not an adapter key; the keys are method, rank"),
+    ({**cfg("lora"), "extra": {"experts_k": 2}}, r"adapter.extra.experts_k is not an adapter key"),
+])
+def test_unknown_adapter_keys_are_refused_naming_the_key(config, match):
+    with pytest.raises(ModeError, match=match):
+        apply_adapters(Tiny(), config)
+
+
+def test_an_empty_legacy_extra_is_accepted():
+    for extra in ({}, None):
+        apply_adapters(Tiny(), {**cfg("lora"), "extra": extra})

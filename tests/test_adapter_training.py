@@ -1,6 +1,6 @@
 """Every adapter method trains and evaluates end to end: losses fall on a real model, gradient checkpointing
 changes nothing, `mode-train adapter=<method>` writes a complete run, `mode-eval` reproduces it, and
-`mode.params` sizes adapters on the meta device."""
+`mode.report.params` sizes adapters on the meta device."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from test_train_eval import check_run_dir, cli
 from mode.adapters import apply_adapters, count_adapter_parameters
 from mode.adapters.runtime import runtime_of
 from mode.data.collate import collate_train
-from mode.losses import AnswerLoss
+from mode.training.losses import AnswerLoss
 
 METHODS = {"lora": {"rank": 8, "alpha": 16}, "molora": {"experts": 4}, "molora_sd": {"experts": 4},
            "mode": {"experts": 4, "block_rank": 2}, "more": {"rank": 8, "alpha": 16}}
@@ -78,7 +78,7 @@ def test_a_few_steps_lower_the_loss(stories_batch, method):
 @needs_stories
 @pytest.mark.parametrize("method", ["more", "mode", "lora"])
 def test_gradient_checkpointing_gives_the_same_gradients(stories_batch, method):
-    from mode.train import enable_checkpointing
+    from mode.training.throughput import enable_checkpointing
 
     grads = []
     for checkpointing in (False, True):
@@ -132,12 +132,12 @@ def test_every_method_trains_and_evaluates_through_the_cli(sni_fixture, tmp_path
     assert (tmp_path / "eval" / "routing.json").read_text() == (sweep / "more" / "routing.json").read_text()
 
 
-# -- mode.params ----------------------------------------------------------------------------------------
+# -- mode.report.params ----------------------------------------------------------------------------------------
 def test_params_command_prints_the_table_without_weights():
-    out = cli("mode.params", "model=gemma_2b", "adapter=mode", "adapter.experts=16", "adapter.rank=4")
+    out = cli("mode.report.params", "model=gemma_2b", "adapter=mode", "adapter.experts=16", "adapter.rank=4")
     assert "mode 16x4x1 on gemma_2b (model.architecture)" in out.stdout
     assert "1,981,884,416 non-embedding" in out.stdout
-    bad = cli("mode.params", "adapter=mode", "adapter.block_rank=3", check=False)
+    bad = cli("mode.report.params", "adapter=mode", "adapter.block_rank=3", check=False)
     assert bad.returncode == 2 and "adapter.block_rank=3 must divide adapter.rank=4" in bad.stderr
 
 
@@ -152,8 +152,8 @@ def test_params_command_prints_the_table_without_weights():
     (["adapter=more", "adapter.rank=8", "adapter.num_tasks=756"], 18 * (8 * 12800 + 756 * 8192 + 8 * 8192 + 4 * 8)),
 ])
 def test_gemma_2b_counts_follow_the_papers_formulas(overrides, expected):
-    from mode.config import compose
-    from mode.params import parameter_table
+    from mode.report.params import parameter_table
+    from mode.run.config import compose
 
     table = parameter_table(compose("train", ["model=gemma_2b", *overrides]))
     assert table["trainable"] == expected
@@ -162,8 +162,8 @@ def test_gemma_2b_counts_follow_the_papers_formulas(overrides, expected):
 
 
 def test_count_on_a_real_model_matches_the_meta_model():
-    from mode.config import compose
-    from mode.params import parameter_table
+    from mode.report.params import parameter_table
+    from mode.run.config import compose
 
     cfg = compose("train", ["model=tiny_random", "adapter=mode", "adapter.block_rank=2"])
     from mode.models import load_model_and_tokenizer
@@ -175,7 +175,7 @@ def test_count_on_a_real_model_matches_the_meta_model():
 
 @pytest.mark.parametrize("method", ["mode", "more"])
 def test_training_logs_routing_diagnostics(sni_fixture, tmp_path, monkeypatch, method):
-    from mode.config import compose
+    from mode.run.config import compose
     from mode.train import train
 
     logged: list[dict] = []
@@ -188,7 +188,7 @@ def test_training_logs_routing_diagnostics(sni_fixture, tmp_path, monkeypatch, m
         def table(self, *a): ...
         def finish(self): ...
 
-    monkeypatch.setattr("mode.train.make_logger", lambda *a, **k: Recorder())
+    monkeypatch.setattr("mode.training.session.make_logger", lambda *a, **k: Recorder())
     cfg = compose("train", ["model=tiny_random", f"adapter={method}", f"data.sni_dir={sni_fixture}",
                             "data.tasks=[task001_add_numbers,task003_yes_no]", "train.max_steps=2", "train.batch_size=4",
                             "train.micro_batch_size=4", "train.log_every=1", "eval.max_new_tokens=2",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mode.checkpoint import MANIFEST, checkpoint_name, list_checkpoints, seal, verify
 from mode.errors import ModeError
+from mode.training.checkpoint import MANIFEST, checkpoint_name, list_checkpoints, seal, verify
 
 
 def make_checkpoint(root, step: int, processes: int = 1):

@@ -10,8 +10,9 @@ import sys
 import pytest
 from conftest import REPO
 
-from mode.compare import compare_pair, load_run, sign_test
-from mode.eval import score, write_results
+from mode.evaluation import score
+from mode.report.compare import compare_pair, load_run, sign_test
+from mode.run.results import write_results
 
 
 def make_run(path, task_scores: dict[str, float], n_per_task=2, ids=None):
@@ -57,7 +58,7 @@ def test_cli_prints_table3_style_lines_and_json(tmp_path):
     make_run(tmp_path / "a", {"task001_a": 80.0, "task002_b": 50.0, "task003_c": 30.0})
     make_run(tmp_path / "b", {"task001_a": 70.0, "task002_b": 50.0, "task003_c": 40.0})
     make_run(tmp_path / "c", {"task001_a": 10.0, "task002_b": 10.0, "task003_c": 10.0})
-    cmd = [sys.executable, "-m", "mode.compare"]
+    cmd = [sys.executable, "-m", "mode.report.compare"]
     out = subprocess.run(cmd + [str(tmp_path / "a"), str(tmp_path / "b"), "--per-task"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     assert "A beats B on 1 tasks (33.3%" in out and "B beats A on 1 (33.3%), 1 tie(s)" in out
@@ -74,7 +75,7 @@ def test_cli_prints_table3_style_lines_and_json(tmp_path):
 def test_runs_that_evaluated_different_instances_are_refused(tmp_path):
     make_run(tmp_path / "a", {"task001_a": 80.0})
     make_run(tmp_path / "b", {"task001_a": 70.0}, n_per_task=3)
-    proc = subprocess.run([sys.executable, "-m", "mode.compare", str(tmp_path / "a"), str(tmp_path / "b")],
+    proc = subprocess.run([sys.executable, "-m", "mode.report.compare", str(tmp_path / "a"), str(tmp_path / "b")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "evaluated different instances of 1 task(s), e.g. task001_a (2 vs 3 instances)" in proc.stderr
@@ -90,7 +91,7 @@ def test_bad_run_dirs_are_one_line_errors(tmp_path, setup, message):
     make_run(good, {"task001_a": 80.0})
     bad.mkdir()
     setup(bad)
-    proc = subprocess.run([sys.executable, "-m", "mode.compare", str(good), str(bad)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "mode.report.compare", str(good), str(bad)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mode.adapters import AdapterConfig
-from mode.config import CONF_DIR, compose
+from mode.run.config import CONF_DIR, compose
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra" and any(p.rglob("*.yaml")))
 # Nested options too (adapter=paper/mode_16x4x1, experiment=cpu_check/table2); experiment/<profile>/base.yaml

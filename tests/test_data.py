@@ -157,7 +157,7 @@ def test_capping_training_never_changes_the_evaluation_instances(sni_fixture):
 
 @needs_shared_sni
 def test_reads_every_bundled_case_study_task_and_reports_absent_ones():
-    from mode.config import compose
+    from mode.run.config import compose
 
     cfg = compose("train", [f"data.sni_dir={SHARED_SNI}"])
     present, absent = select_tasks(SHARED_SNI, list(cfg.data.tasks), allow_missing=True)

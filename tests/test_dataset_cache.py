@@ -125,3 +125,27 @@ def test_a_part_with_no_instances_is_an_empty_table_not_an_error(sni_fixture, tm
     for _ in range(2):  # built, then loaded from the cache
         data = build_data(cfg, EVAL, byte_tokenizer(), cache_dir=tmp_path)
         assert len(data.train) == 1 and len(data.eval) == 0 and data.eval.column("id") == []
+
+
+def test_a_change_to_the_encoding_code_changes_the_key_without_any_version_bump(sni_fixture, tmp_path, monkeypatch):
+    """A stale cache cannot be read: the key follows the source of the modules that produce the tokens.
+    (Planted: a copy of encoding.py with one changed line stands in for an edit nobody versioned.)"""
+    import shutil
+
+    import mode.data.cache as cache_module
+
+    cache = tmp_path / "cache"
+    build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=cache)
+    before = set(entries(cache))
+    edited = tmp_path / "src"
+    shutil.copytree(cache_module.Path(cache_module.__file__).parent, edited)
+    source = edited / "encoding.py"
+    source.write_text(source.read_text() + "\n# an edit that may change tokens\n")
+    monkeypatch.setattr(cache_module, "__file__", str(edited / "cache.py"))
+    cache_module.code_digest.cache_clear()
+    try:
+        build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=cache)
+    finally:
+        cache_module.code_digest.cache_clear()
+    assert len(set(entries(cache)) - before) == 2  # both parts encoded again, under new keys
+    assert set(cache_module.TOKEN_SOURCES) <= {p.name for p in edited.iterdir()}

@@ -2,7 +2,7 @@
 `train.device=auto` forms one process group, both ranks end with the same adapter, the result equals a
 single process with the same global batch, and only rank 0 writes the run directory and logs.
 
-"Equals" is bit for bit here: both layouts compute the same two micro-batches (mode.train.micro_batches),
+"Equals" is bit for bit here: both layouts compute the same two micro-batches (mode.training.distributed.micro_batches),
 the loss is normalised by the global batch's answer tokens, and the world-size factor and DDP's average
 are exact powers of two, so the only difference, the order of one sum, does not change a bit."""
 

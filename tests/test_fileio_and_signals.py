@@ -9,8 +9,8 @@ import signal
 import pytest
 
 from mode.errors import TrainingInterrupted, exit_on_user_error
-from mode.fileio import atomic_path, atomic_write_text
-from mode.preemption import StopRequest
+from mode.run.fileio import atomic_path, atomic_write_text
+from mode.training.preemption import StopRequest
 
 
 def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -48,7 +48,15 @@ def test_stop_request_records_signals_and_restores_handlers():
         assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_second_ctrl_c_aborts_at_once():
+@pytest.fixture
+def interactive_sigint():
+    """Ctrl-C as in an interactive shell, whatever started the tests (`nohup make test &` ignores SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_second_ctrl_c_aborts_at_once(interactive_sigint):
     with StopRequest() as stop:
         stop.listen()
         os.kill(os.getpid(), signal.SIGINT)
@@ -56,6 +64,18 @@ def test_second_ctrl_c_aborts_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest() as stop:
+            stop.listen()
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_interrupted_exits_with_the_signal_status(capsys):

@@ -1,4 +1,4 @@
-"""mode.metrics against rouge-score called as the official SNI evaluation calls it."""
+"""mode.evaluation.metrics against rouge-score called as the official SNI evaluation calls it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from conftest import SHARED_SNI, needs_shared_sni
 from rouge_score import rouge_scorer
 
-from mode.metrics import category_key, normalize_answer, sni_metrics
+from mode.evaluation.metrics import category_key, normalize_answer, sni_metrics
 
 
 def official_rouge_l(prediction, reference):
@@ -139,7 +139,7 @@ def test_stemming_is_on():
 
 
 def test_report_tables_agree_with_flat_keys():
-    from mode.metrics import sni_report
+    from mode.evaluation.metrics import sni_report
 
     preds = ["yes", "no", "a b", "x y z", ""]
     refs = [["yes"], ["yes"], ["a b c"], ["x y z"], ["q"]]

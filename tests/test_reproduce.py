@@ -48,7 +48,7 @@ def test_smoke_profile_end_to_end_reuses_runs_and_reaggregates_identically(tmp_p
     listing = run(DRIVER + ["smoke", "--dry-run", "--runs-dir", str(runs)])
     assert "0 to run" in listing
     # Aggregation reads run directories only, and the same runs give the same bytes.
-    run([sys.executable, "-m", "mode.aggregate", "smoke", "--runs-dir", str(runs), "--out", str(out_b)])
+    run([sys.executable, "-m", "mode.report.aggregate", "smoke", "--runs-dir", str(runs), "--out", str(out_b)])
     names = sorted(p.name for p in out_a.iterdir())
     assert names == sorted(p.name for p in out_b.iterdir())
     match, mismatch, errors = filecmp.cmpfiles(out_a, out_b, names, shallow=False)
@@ -58,7 +58,7 @@ def test_smoke_profile_end_to_end_reuses_runs_and_reaggregates_identically(tmp_p
 def test_committed_results_match_their_summary():
     """Committed `results/<profile>/` tables are exactly what `mode-aggregate` renders from the committed
     `summary.json`: nobody edited a number by hand (re-aggregation from the run dirs is checked above)."""
-    from mode.aggregate import to_csv, to_latex, to_markdown, win_rate_csv, win_rate_latex, win_rate_markdown
+    from mode.report.aggregate import to_csv, to_latex, to_markdown, win_rate_csv, win_rate_latex, win_rate_markdown
 
     summaries = sorted((REPO / "results").glob("*/summary.json"))
     assert summaries or not (REPO / "results" / "cpu").exists()
@@ -83,8 +83,8 @@ def test_committed_records_stand_for_their_jobs_and_a_changed_config_is_refused(
 
     from omegaconf import OmegaConf
 
-    from mode.config import compose, to_container
     from mode.errors import ModeError
+    from mode.run.config import compose, to_container
 
     spec = importlib.util.spec_from_file_location("reproduce", REPO / "experiments" / "reproduce.py")
     reproduce = importlib.util.module_from_spec(spec)

@@ -17,9 +17,9 @@ from conftest import write_sni_fixture
 from safetensors import safe_open
 from tiny_runs import adapter_bytes, mode_train, run_with_fault, tiny_cfg, tiny_overrides
 
-from mode.checkpoint import list_checkpoints, verify
 from mode.errors import ModeError
 from mode.train import train
+from mode.training.checkpoint import list_checkpoints, verify
 
 
 class SimulatedCrash(BaseException):
@@ -125,7 +125,7 @@ def test_crash_during_evaluation_resumes_without_retraining(sni, reference, tmp_
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000004", "step-00000006"]
     monkeypatch.undo()
     steps = []
-    monkeypatch.setattr("mode.train.MixtureSampler.indices", lambda self, k: steps.append(k) or [])
+    monkeypatch.setattr("mode.data.sampling.MixtureSampler.indices", lambda self, k: steps.append(k) or [])
     train(tiny_cfg(sni, "resume=true"), str(run))
     assert steps == []  # resumed after the last step: straight to evaluation
     assert_same_run(run, reference)
@@ -191,7 +191,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(sni, refere
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(sni, tmp_path, monkeypatch):
     import torch
 
-    from mode.losses import AnswerLoss
+    from mode.training.losses import AnswerLoss
 
     run = tmp_path / "run"
     calls = {"n": 0}

@@ -8,9 +8,9 @@ import pytest
 from omegaconf import OmegaConf
 from tiny_runs import tiny_cfg
 
-from mode.config import to_container
 from mode.errors import ModeError
-from mode.run_dir import FINISHED, NEW, UNFINISHED, plan_run
+from mode.run.config import to_container
+from mode.run.run_dir import FINISHED, NEW, UNFINISHED, plan_run
 from mode.train import train
 
 
@@ -62,7 +62,7 @@ def test_resume_of_a_finished_run_reports_it_without_loading_anything(tmp_path, 
     def no_model(*args, **kwargs):
         raise AssertionError("a finished run must not load a model")
 
-    monkeypatch.setattr("mode.train.load_model_and_tokenizer", no_model)
+    monkeypatch.setattr("mode.training.session.load_model_and_tokenizer", no_model)
     assert train(tiny_cfg(sni_fixture, "resume=true", "train.save_every=9"), str(run))["rougeL"] == 12.5
     assert "already finished: ROUGE-L 12.5" in capsys.readouterr().out
 
@@ -70,7 +70,7 @@ def test_resume_of_a_finished_run_reports_it_without_loading_anything(tmp_path, 
 def test_resume_of_a_finished_run_with_other_settings_is_refused_naming_every_key(tmp_path, sni_fixture, monkeypatch):
     """A sweep rerun with other overrides must not re-report the old runs as if they were the new ones."""
     run = finished_run(tmp_path, tiny_cfg(sni_fixture))
-    monkeypatch.setattr("mode.train.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("mode.training.session.load_model_and_tokenizer", lambda *a, **k: pytest.fail("loaded a model"))
     cfg = tiny_cfg(sni_fixture, "resume=true", "train.max_steps=400", "eval.max_new_tokens=3")
     with pytest.raises(ModeError, match=r"eval.max_new_tokens=3 differs from the run's .*config.yaml \(\d+\) "
                                         r"\(also train.max_steps\); that run is finished with other settings"):
@@ -93,7 +93,7 @@ def test_sweep_job_folders_ignore_resume_and_force():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from mode.config import CONF_DIR
+    from mode.run.config import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

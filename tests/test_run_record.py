@@ -9,7 +9,8 @@ import pytest
 from conftest import write_sni_fixture
 from tiny_runs import adapter_bytes, tiny_cfg
 
-from mode.train import curve_steps, curve_subset, train
+from mode.train import train
+from mode.training.curves import curve_steps, curve_subset
 
 
 class SimulatedCrash(BaseException):
@@ -99,3 +100,22 @@ def test_no_training_writes_valid_json_with_a_null_loss(sni, tmp_path):
     train(tiny_cfg(sni, "train.max_steps=0"), str(run))
     text = (run / "metrics.json").read_text()
     assert "NaN" not in text and json.loads(text)["train_loss"] is None
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """W&B gets the run folder's own id (kept in wandb_run_id) and resume="allow" on every attempt."""
+    import sys
+    import types
+
+    from omegaconf import OmegaConf
+
+    from mode.run.loggers import make_logger
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = OmegaConf.create({"logger": {"name": "wandb", "project": "p", "mode": "offline"}})
+    for _ in range(2):
+        make_logger(cfg, str(tmp_path), {}, "run").finish()
+    assert calls[0]["id"] == calls[1]["id"] == (tmp_path / "wandb_run_id").read_text().strip()
+    assert calls[0]["resume"] == "allow"

@@ -173,7 +173,7 @@ def test_held_in_splits_of_every_bundled_train_task_are_disjoint_and_90_10():
 
 @needs_shared_sni
 def test_bundled_held_out_config_selects_disjoint_train_and_test_tasks():
-    from mode.config import compose
+    from mode.run.config import compose
 
     c = compose("train", ["data=sni_held_out", f"data.sni_dir={SHARED_SNI}"]).data
     sets = resolve_task_sets(c)

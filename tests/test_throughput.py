@@ -12,8 +12,9 @@ from test_train_eval import cli
 
 from mode.adapters import apply_adapters
 from mode.data.collate import collate_train
-from mode.losses import AnswerLoss
-from mode.train import compile_layers, micro_batches
+from mode.training.distributed import micro_batches
+from mode.training.losses import AnswerLoss
+from mode.training.throughput import compile_layers
 
 METHODS = {"lora": {"rank": 8, "alpha": 16}, "mode": {"experts": 4, "block_rank": 2},
            "more": {"rank": 8, "alpha": 16, "contrastive_weight": 0.0}}
@@ -112,8 +113,8 @@ def test_bf16_autocast_stays_within_bf16_tolerance_of_fp32(method):
 
 @pytest.mark.parametrize("method", ["lora", "mode"])
 def test_compiled_layers_match_eager(method):
-    from mode.config import compose
     from mode.models import load_model_and_tokenizer
+    from mode.run.config import compose
 
     rows = examples(4, vocab=200)
     batch = collate_train(rows, pad_id=0)

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import REPO, SHARED_SNI, STORIES, needs_shared_sni, needs_stories
 
-from mode.config import compose
 from mode.data.collate import collate_train
-from mode.losses import AnswerLoss
+from mode.errors import ModeError
+from mode.run.config import compose
 from mode.train import train
+from mode.training.losses import AnswerLoss
 
 SPEC_FILES = ["config.yaml", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json",
               "predictions.jsonl"]
@@ -75,7 +76,18 @@ def test_stories260k_train_then_eval_reproduces(tmp_path):
     ("adapter.rank=0", "adapter.rank=0"),
     ("adapter.target_modules=[nope]", "adapter.target_modules"),
     ("data.sni_dir=/does/not/exist", "data.sni_dir='/does/not/exist'"),
-    ("train.batch_size=6", "train.batch_size=6 is not a multiple"),
+    ("train.batch_size=6 train.micro_batch_size=4", "train.batch_size=6 is not a multiple"),
+    ("+train.max_step=3", "train.max_step is not a config key (did you mean train.max_steps?)"),
+    ("train.max_step=3", "train.max_step is not a config key (did you mean train.max_steps?)"),
+    ("+adapter.block_rnak=2", "adapter.block_rnak is not a config key (did you mean adapter.block_rank?)"),
+    ("adapter=moe", "Could not find 'adapter/moe' (options: lora, mode, molora, molora_sd, more)"),
+    ("train.lr=x=1", "cannot parse the override 'train.lr=x=1'"),
+    ("train.optimizer=sgd", "train.optimizer='sgd' is not one of ['adamw', 'adafactor']"),
+    ("train.lr_scheduler=nope", "train.lr_scheduler='nope' is not one of ['linear'"),
+    ("data.sampling=nope", "data.sampling='nope' is not one of"),
+    ("data.protocol=nope", "data.protocol='nope' is not one of"),
+    ("adapter.rank=100000", "adapter.rank=100000 exceeds the adapted layer"),
+    ("model.max_length=64", "exceed the model's context window (model.max_length=64) in training"),
     ("model=stories260k model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model'"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, sni_fixture, override, message):
@@ -84,7 +96,46 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, sni_fixture, o
                *override.split(), f"hydra.run.dir={run}", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, whoever found the fault
     assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
+
+
+def test_train_batch_size_alone_works_and_checks_run_before_any_loading(sni_fixture, monkeypatch, tmp_path):
+    """SPEC's train.batch_size alone is enough (micro-batch null = the whole batch of each process); a bad
+    optimizer is refused before the model is loaded."""
+    from mode.training.checks import validate_config
+    from mode.training.distributed import accumulation_steps, micro_batch_size
+
+    cfg = compose("train", ["model=tiny_random", f"data.sni_dir={sni_fixture}", "train.batch_size=4"])
+    validate_config(cfg)
+    assert micro_batch_size(cfg.train, 1) == 4 and accumulation_steps(cfg.train, 1) == 1
+    assert micro_batch_size(cfg.train, 2) == 2 and accumulation_steps(cfg.train, 2) == 1
+    monkeypatch.setattr("mode.training.session.load_model_and_tokenizer", lambda *a: pytest.fail("loaded a model"))
+    with pytest.raises(ModeError, match="train.optimizer='sgd'"):
+        train(compose("train", ["model=tiny_random", f"data.sni_dir={sni_fixture}", "train.optimizer=sgd"]),
+              str(tmp_path / "run"))
+
+
+def test_help_lists_groups_options_and_main_keys():
+    out = cli("mode.train", "--help").stdout
+    assert "adapter    lora, mode, molora, molora_sd, more, paper/..." in out
+    assert "experiment cpu/..." in out and "adapter.block_rank" in out and "train.precision" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "mode-eval needs run_dir=<a run directory of mode-train>"),
+    (("run_dir={missing}",), "has no config.yaml (is it a mode run directory?)"),
+    (("run_dir={run}", "data.split_seed=1"), "data.split_seed cannot be overridden"),
+    (("run_dir={run}", "adapter.alpha=2"), "adapter.alpha cannot be overridden"),
+    (("run_dir={run}", "adapter=mode"), "adapter cannot be overridden"),
+])
+def test_mode_eval_refusals_are_one_line_and_leave_no_folder(tmp_path, args, message):
+    run, missing = tmp_path / "run", tmp_path / "missing"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    proc = cli("mode.eval", *(a.format(run=run, missing=missing) for a in args), check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (run / "evals").exists() and not missing.exists()
 
 
 @needs_stories
@@ -119,7 +170,7 @@ def test_stories260k_loss_goes_down(tmp_path, monkeypatch):
         def table(self, *a): ...
         def finish(self): ...
 
-    monkeypatch.setattr("mode.train.make_logger", lambda *a, **k: Recorder())
+    monkeypatch.setattr("mode.training.session.make_logger", lambda *a, **k: Recorder())
     train(cfg, str(tmp_path / "run"))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)

@@ -12,8 +12,9 @@ import pytest
 from tiny_runs import tiny_cfg
 
 from mode.errors import ModeError
+from mode.run.resume import check_resumable
 from mode.train import train
-from mode.validation import check_resumable, validate_config
+from mode.training.checks import validate_config
 
 
 def written(run_dir) -> list[str]:
@@ -120,3 +121,15 @@ def test_resume_check_names_the_first_differing_key(tmp_path):
     check_resumable({"seed": 1, "train": {"lr": 0.001, "save_every": 5, "compile": False}, "resume": True}, tmp_path)
     with pytest.raises(ModeError, match=r"train.compile=True differs .*\(False\)"):
         check_resumable({"seed": 1, "train": {"lr": 0.001, "save_every": 5, "compile": True}, "resume": True}, tmp_path)
+
+
+def test_a_prompt_longer_than_the_models_context_is_refused_before_any_work():
+    """stories260K has a 512-token context; the held-out protocol's prompts are up to 896 tokens."""
+    from mode.run.config import compose
+    from mode.training.checks import check_context
+
+    cfg = compose("train", ["model=stories260k", "data=sni_held_out"])
+    with pytest.raises(ModeError, match=r"max_source_length \+ data.encoding.max_target_length = 1024 tokens exceed "
+                                        r"the model's context window \(model.max_length=512\)"):
+        check_context(cfg, cfg.model.max_length)
+    check_context(compose("train", ["model=stories260k"]), 512)  # the case study's 248 tokens fit

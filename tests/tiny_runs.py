@@ -11,7 +11,7 @@ import sys
 
 from conftest import REPO
 
-from mode.config import compose
+from mode.run.config import compose
 
 TINY = [
     "model=tiny_random", "data.tasks=[task001_add_numbers,task002_echo_word]", "data.max_instances_per_task=12",

@@ -5,7 +5,7 @@ count_adapter_parameters, merge_adapters, unmerge_adapters; adapter_context give
 task ids (MoRE) and collects auxiliary losses.
 """
 
-from mode.adapters import lora, mode, molora, molora_sd, more  # noqa: F401  (each registers its method)
+from mode.adapters import dyadic, lora, molora, molora_sd, more  # noqa: F401  (each registers its method)
 from mode.adapters.base import AdapterLayer
 from mode.adapters.config import AdapterConfig
 from mode.adapters.inject import (

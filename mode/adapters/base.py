@@ -46,6 +46,7 @@ class AdapterLayer(nn.Module):
         self.runtime = runtime if runtime is not None else AdapterRuntime()  # shared by all layers of a model
         self.merged = False
         self.routing_sums: torch.Tensor | None = None  # diagnostics.py: usage, entropy and token sums
+        self.task_routing_sums: torch.Tensor | None = None  # [tasks, blocks*m + 1]: usage and tokens per task
 
     # -- what a method provides -------------------------------------------------------------------
     @classmethod
@@ -119,6 +120,12 @@ class AdapterLayer(nn.Module):
         usage = torch.einsum("t,tbm->bm", weights, gates)                          # [blocks, m]
         sums = torch.cat([usage.reshape(-1), (weights @ entropy).reshape(-1), weights.sum().reshape(1)])
         self.routing_sums = sums if self.routing_sums is None else self.routing_sums + sums
+        slots, ids = self.runtime.routing_tasks, self.runtime.task_ids
+        if slots and ids is not None and ids.numel() and tokens % ids.numel() == 0:  # per task: one index_add
+            per_token = ids.to(gates.device).repeat_interleave(tokens // ids.numel())
+            rows = torch.cat([(gates * weights.view(-1, 1, 1)).reshape(tokens, -1), weights.view(-1, 1)], dim=1)
+            task_sums = rows.new_zeros(slots, rows.shape[1]).index_add_(0, per_token, rows)
+            self.task_routing_sums = task_sums if self.task_routing_sums is None else self.task_routing_sums + task_sums
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads `proj.weight` keeps working on a wrapped layer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 from mode.errors import ModeError
@@ -23,23 +24,28 @@ class AdapterConfig:
     num_tasks: int | None = None       # MoRE: tasks the selector knows (mode-train sets it from the data)
     contrastive_weight: float = 0.1    # MoRE: L = L_gen + contrastive_weight * L_con (paper: 0.1)
     contrastive_temperature: float = 0.05  # MoRE: temperature of the contrastive loss (paper: 0.05)
-    extra: dict = field(default_factory=dict)  # method-specific options (see conf/adapter/<method>.yaml)
 
     @classmethod
     def from_mapping(cls, cfg) -> AdapterConfig:
-        """Accept a dict, DictConfig or AdapterConfig; unknown keys go to `extra` for the method to check."""
+        """Accept a dict, DictConfig or AdapterConfig. An unknown key is an error naming it: a typo such as
+        `block_rnak` would otherwise train another adapter than the one asked for, without a word."""
         if isinstance(cfg, AdapterConfig):
             return cfg
         if hasattr(cfg, "items") and not isinstance(cfg, dict):
             from omegaconf import OmegaConf
 
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in cfg.items() if k in known}
-        extra = {**cfg.get("extra", {}), **{k: v for k, v in cfg.items() if k not in known and k != "extra"}}
-        if "target_modules" in kwargs:
-            kwargs["target_modules"] = list(kwargs["target_modules"])
-        out = cls(**kwargs, extra=extra)
+        known = [f.name for f in dataclasses.fields(cls)]
+        cfg = dict(cfg)
+        legacy = cfg.pop("extra", None)  # configs before 0.2 carried an (always empty) `extra: {}`
+        unknown = [k for k in cfg if k not in known] + [f"extra.{k}" for k in (legacy or {})]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0].removeprefix("extra."), known, n=1)
+            hint = f" (did you mean adapter.{close[0]}?)" if close else f"; the keys are {', '.join(known)}"
+            raise ModeError(f"adapter.{unknown[0]} is not an adapter key{hint}")
+        if "target_modules" in cfg:
+            cfg["target_modules"] = list(cfg["target_modules"])
+        out = cls(**cfg)
         out.validate()
         return out
 

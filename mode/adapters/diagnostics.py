@@ -34,10 +34,13 @@ class AdapterDiagnostics:
         self.routed = [(path, layer) for path, layer in layers if layer.token_routed]
         self.task_routed = [(path, layer) for path, layer in layers if hasattr(layer, "selector")]
 
-    def start(self) -> None:
-        """Accumulate routing statistics from now on (until `stop`)."""
+    def start(self, tasks: int | None = None) -> None:
+        """Accumulate routing statistics from now on (until `stop`); with `tasks`, also per task id
+        (task ids 0 .. tasks-1 reach the layers through `adapter_context`)."""
         if self.runtime is not None and self.routed:
             self.runtime.track_routing = True
+            if tasks is not None:
+                self.runtime.routing_tasks = tasks
 
     def stop(self) -> None:
         if self.runtime is not None:
@@ -45,20 +48,28 @@ class AdapterDiagnostics:
 
     def reset(self) -> None:
         for _, layer in self.routed:
-            layer.routing_sums = None
+            layer.routing_sums = layer.task_routing_sums = None
         if self.runtime is not None:
             self.runtime.aux_history.clear()
 
     # -- reading ----------------------------------------------------------------------------------
     def _sums(self, reduce: Reduce) -> list[torch.Tensor]:
-        """Each routed layer's [blocks*m usage, blocks entropy, 1 tokens] sums, reduced over processes."""
+        """Each routed layer's [blocks*m usage, blocks entropy, 1 tokens] sums, then (when tracked per task)
+        its [tasks x (blocks*m usage, 1 tokens)] sums, reduced over processes."""
         parts = []
+        slots = self.runtime.routing_tasks if self.runtime is not None else 0
         for _, layer in self.routed:
             blocks, experts = routing_shape(layer)
             sums = layer.routing_sums
             if sums is None:
                 sums = torch.zeros(blocks * experts + blocks + 1, device=layer.lora_A.device)
             parts.append(sums)
+        for _, layer in self.routed if slots else ():
+            blocks, experts = routing_shape(layer)
+            sums = layer.task_routing_sums
+            if sums is None or sums.shape[0] != slots:
+                sums = torch.zeros(slots, blocks * experts + 1, device=layer.lora_A.device)
+            parts.append(sums.reshape(-1))
         if not parts:
             return []
         flat = torch.cat(parts)
@@ -71,7 +82,9 @@ class AdapterDiagnostics:
         out: dict = {}
         if self.routed:
             layers = {}
-            for (path, layer), sums in zip(self.routed, self._sums(reduce)):
+            parts = self._sums(reduce)
+            per_task = parts[len(self.routed):] or [None] * len(self.routed)
+            for (path, layer), sums, task_sums in zip(self.routed, parts, per_task):
                 blocks, experts = routing_shape(layer)
                 tokens = float(sums[-1])
                 usage = sums[: blocks * experts].view(blocks, experts) / max(tokens, 1.0)
@@ -83,6 +96,8 @@ class AdapterDiagnostics:
                     "max_usage": round(float(usage.max(dim=-1).values.mean()), 6),  # 1/m balanced .. 1 collapsed
                     "usage": [[round(float(u), 6) for u in row] for row in usage],   # [block][expert]
                 }
+                if task_sums is not None:  # {task: [block][expert]} mean gates over that task's real tokens
+                    layers[path]["task_usage"] = task_usage(task_sums, blocks, experts, tasks)
             out["routed_layers"] = layers
             out["mean_normalized_entropy"] = round(
                 sum(v["normalized_entropy"] for v in layers.values()) / len(layers), 6)
@@ -112,6 +127,19 @@ class AdapterDiagnostics:
                     out[f"train/{name}_loss"] = sum(values) / len(values)
         self.reset()
         return out
+
+
+def task_usage(sums: torch.Tensor, blocks: int, experts: int, tasks: list[str] | None) -> dict:
+    """{task name: [block][expert] mean gate} for the tasks that routed any token (4 decimals: it is big)."""
+    rows = sums.view(-1, blocks * experts + 1)
+    out = {}
+    for t, row in enumerate(rows):
+        tokens = float(row[-1])
+        if tokens > 0:
+            name = tasks[t] if tasks and t < len(tasks) else str(t)
+            usage = (row[:-1] / tokens).view(blocks, experts)
+            out[name] = [[round(float(u), 4) for u in block] for block in usage]
+    return out
 
 
 def routing_shape(layer) -> tuple[int, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from mode.adapters.base import AdapterLayer
@@ -44,6 +45,11 @@ def apply_adapters(model: nn.Module, config, num_tasks: int | None = None) -> nn
     unmatched = [s for s in cfg.target_modules if not any(_matches(n, [s]) for n, _ in targets)]
     if unmatched:
         raise ModeError(f"adapter.target_modules entries {unmatched} match no nn.Linear in {type(model).__name__}")
+    for name, linear in targets:
+        if cfg.rank > min(linear.in_features, linear.out_features):
+            raise ModeError(f"adapter.rank={cfg.rank} exceeds the adapted layer {name} ({linear.in_features} -> "
+                            f"{linear.out_features}): a rank above {min(linear.in_features, linear.out_features)} "
+                            "adds parameters, not capacity")
     # Shared by reference (see runtime.py); task ids are range-checked only where they route.
     runtime = AdapterRuntime(num_tasks=cfg.num_tasks if layer_cls.task_routed else None)
     for name, linear in targets:
@@ -52,7 +58,21 @@ def apply_adapters(model: nn.Module, config, num_tasks: int | None = None) -> nn
         setattr(parent, child, layer_cls(linear, cfg, runtime))
     model.adapter_config = cfg
     model.adapter_runtime = runtime
+    model.adapter_base_fingerprint = base_fingerprint(targets)
     return model
+
+
+def base_fingerprint(targets: list[tuple[str, nn.Linear]]) -> str | None:
+    """A digest of the first adapted base weight, rounded to bfloat16 (so an fp32 base and its bf16 copy
+    agree): an adapter loaded into another base of the same shapes would silently compute something else."""
+    name, linear = targets[0]
+    weight = linear.weight
+    if weight.is_meta:
+        return None
+    import hashlib
+
+    data = weight.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+    return hashlib.sha256(name.encode() + str(tuple(weight.shape)).encode() + data).hexdigest()[:16]
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

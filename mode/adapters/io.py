@@ -12,7 +12,7 @@ from torch import nn
 from mode.adapters.config import AdapterConfig
 from mode.adapters.inject import adapter_layers
 from mode.errors import ModeError
-from mode.fileio import atomic_path, atomic_write_text
+from mode.run.fileio import atomic_path, atomic_write_text
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -35,7 +35,8 @@ def save_adapters(model: nn.Module, directory, extra: dict | None = None) -> Non
         raise ModeError("the model has no adapters to save (call apply_adapters first)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {**cfg.to_dict(), "base_model": getattr(model, "name_or_path", None) or None, **(extra or {})}
+    meta = {**cfg.to_dict(), "base_model": getattr(model, "name_or_path", None) or None,
+            "base_fingerprint": getattr(model, "adapter_base_fingerprint", None), **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, tmp, metadata={"method": cfg.method})
@@ -54,13 +55,23 @@ def read_adapter_config(directory) -> AdapterConfig:
     return AdapterConfig.from_mapping(meta)
 
 
+# Saved fields that change the function an adapter computes (init and training-only keys do not).
+FUNCTION_FIELDS = ("method", "rank", "experts", "block_rank", "alpha", "target_modules")
+
+
 def load_adapters(model: nn.Module, directory) -> nn.Module:
-    """Load saved adapter tensors into a model that already has the same adapters; strict, never partial."""
+    """Load saved adapter tensors into a model that already has the same adapters; strict, never partial.
+
+    Refused, naming the field: another method, shape, scale (alpha) or target modules than the model's
+    adapters, or another base model than the one the adapter was trained on (a digest of its weights).
+    """
     directory = Path(directory)
     saved = read_adapter_config(directory)
     current: AdapterConfig | None = getattr(model, "adapter_config", None)
     if current is None:
         raise ModeError(f"{directory}: the model has no adapters; call apply_adapters(model, config) first")
+    saved_base = json.loads((directory / CONFIG_FILE).read_text()).get("base_fingerprint")
+    current_base = getattr(model, "adapter_base_fingerprint", None)
     weights = directory / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights))
@@ -75,6 +86,13 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
                         + (f" ({problem})" if problem else ""))
     if problem:
         raise ModeError(f"{weights}: {problem}")
+    for key in FUNCTION_FIELDS:
+        if getattr(saved, key) != getattr(current, key):
+            raise ModeError(f"{directory / CONFIG_FILE}: adapter.{key}={getattr(saved, key)!r}, but the model's "
+                            f"adapters have adapter.{key}={getattr(current, key)!r}")
+    if saved_base and current_base and saved_base != current_base:
+        raise ModeError(f"{directory / CONFIG_FILE}: trained on another base model (weights digest {saved_base}, "
+                        f"this model's {current_base}); load the base it names in base_model")
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])

@@ -8,7 +8,7 @@ router's stored shape differs ([m, P], as SPEC.md fixes it).
 
 from __future__ import annotations
 
-from mode.adapters.mode import MoDELinear
+from mode.adapters.dyadic import MoDELinear
 from mode.adapters.registry import register
 from mode.errors import ModeError
 

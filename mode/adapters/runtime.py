@@ -24,6 +24,7 @@ class AdapterRuntime:
     num_tasks: int | None = None                 # tasks the adapter knows (MoRE); task ids are checked
     recomputing: bool = False                    # a gradient-checkpoint recompute: record nothing twice
     track_routing: bool = False                  # accumulate routing statistics (diagnostics.py)
+    routing_tasks: int = 0                       # > 0: also per task id (0 .. routing_tasks - 1)
     aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # this forward's auxiliary losses
     aux_weights: dict[str, float] = field(default_factory=dict)        # name -> weight in the objective
     aux_history: dict[str, list[float]] = field(default_factory=dict)  # detached values, for logging

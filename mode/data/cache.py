@@ -1,7 +1,8 @@
 """The tokenised-data cache: encoded SNI instances kept as `datasets` Arrow files under
 `<paths.cache_dir>/sni/<part>-<key>/`, loaded memory-mapped by later runs.
 
-The key hashes everything that changes tokens: this module's format version, the tokenizer (its full
+The key hashes everything that changes tokens: the source code that produces them (`code_digest`: edit
+the encoding and the key changes, with no version number to remember to bump), the tokenizer (its full
 serialised vocabulary, merges, normaliser and post-processor, special tokens and chat template), the
 encoding options, the layout (decoder-only or seq2seq), each task file's SHA-256 and every instance to
 encode (id, input, chosen answer or references, task index) — so split seeds, fractions, caps and task
@@ -12,6 +13,8 @@ and a crash never leaves a half-written entry.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +25,17 @@ from filelock import FileLock
 
 from mode.errors import ModeError
 
-FORMAT_VERSION = 1  # bump whenever encoding code changes the tokens it produces
+# The modules whose code decides the cached tokens (reading task files, prompt encoding, the cached rows).
+TOKEN_SOURCES = ("sni.py", "encoding.py", "dataset.py", "cache.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 of the source of every module that produces the cached tokens."""
+    digest = hashlib.sha256()
+    for name in TOKEN_SOURCES:
+        digest.update(name.encode() + b"\x1f" + (Path(__file__).parent / name).read_bytes() + b"\x1f")
+    return digest.hexdigest()
 
 
 class Key:
@@ -30,7 +43,7 @@ class Key:
 
     def __init__(self, *parts):
         self._h = hashlib.sha256()
-        self.update("mode-sni-cache", FORMAT_VERSION, *parts)
+        self.update("mode-sni-cache", code_digest(), *parts)
 
     def update(self, *parts) -> Key:
         for part in parts:
@@ -56,6 +69,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return key.hexdigest()
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """No "Saving the dataset" / "Loading dataset" bars for a few files (tokenising keeps its bar)."""
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
 def load_or_build(cache_dir, name: str, build):
     """(dataset, stats) from `<cache_dir>/sni/<name>/`, or from `build()` (then stored there).
 
@@ -74,13 +101,16 @@ def load_or_build(cache_dir, name: str, build):
             tmp = final.parent / f".tmp-{name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                dataset.save_to_disk(str(tmp))
+                with quiet_datasets():
+                    dataset.save_to_disk(str(tmp))
                 (tmp / "mode_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
                 shutil.rmtree(final, ignore_errors=True)  # a folder without mode_stats.json is incomplete
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     try:
-        return load_from_disk(str(final)), json.loads((final / "mode_stats.json").read_text())
+        with quiet_datasets():
+            loaded = load_from_disk(str(final))
+        return loaded, json.loads((final / "mode_stats.json").read_text())
     except Exception as err:  # noqa: BLE001 - any unreadable entry gets the same advice
         raise ModeError(f"{final}: unreadable tokenised-data cache entry ({err}); delete the folder and rerun") from err

@@ -171,3 +171,8 @@ def requested_tasks(data_cfg, prefix: str = "") -> tuple[list[str], str]:
         path = Path(str(data_cfg.sni_dir)) / str(list_file)
         return read_task_list(path), str(path)
     raise ModeError(f"the data config selects no tasks: set data.{prefix}tasks or data.{prefix}task_list_file")
+
+
+def category_key(name: str) -> str:
+    """Category names become metric-key groups as upstream does: lowercase, spaces -> underscores."""
+    return "_".join(name.lower().split())

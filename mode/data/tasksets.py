@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mode.data.sni import Task, check_sni_dir, load_task, requested_tasks, select_tasks
+from mode.data.sni import Task, category_key, check_sni_dir, load_task, requested_tasks, select_tasks
 from mode.errors import ModeError
-from mode.metrics import category_key
 
 PROTOCOLS = ("held_in", "held_out")
 

@@ -28,7 +28,7 @@ class WandbLogger(NullLogger):
         self.run = wandb.init(
             project=cfg.project, entity=cfg.get("entity"), group=cfg.get("group"), name=name,
             tags=list(cfg.get("tags") or []), mode=cfg.get("mode", "offline"), dir=run_dir,
-            config=config, reinit="finish_previous",
+            config=config, reinit="finish_previous", id=run_id(run_dir), resume="allow",
         )
 
     def log(self, metrics, step=None):
@@ -43,6 +43,23 @@ class WandbLogger(NullLogger):
 
     def finish(self):
         self.run.finish()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def run_id(run_dir: str) -> str:
+    """The W&B run id of this run folder, created once: a resumed run continues the same W&B run."""
+    from pathlib import Path
+
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    import secrets
+
+    new = secrets.token_hex(4)
+    path.write_text(new + "\n")
+    return new
 
 
 def make_logger(cfg, run_dir: str, config: dict, name: str, is_main: bool = True):

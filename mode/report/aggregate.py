@@ -22,10 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from mode.compare import Run, compare_pair, load_run
-from mode.config import CONF_DIR, REPO_DIR
 from mode.errors import ModeError, exit_on_user_error
-from mode.fileio import atomic_path, atomic_write_text
+from mode.report.compare import Run, compare_pair, load_run
+from mode.run.config import CONF_DIR, REPO_DIR
+from mode.run.fileio import atomic_path, atomic_write_text
 
 PAPER_TABLES = REPO_DIR / "experiments" / "paper_tables.yaml"
 
@@ -84,7 +84,7 @@ def table_specs(profile: str, runs_dir: str | None) -> dict[str, dict]:
 
 
 def preset_shape(preset: str) -> tuple:
-    from mode.config import compose
+    from mode.run.config import compose
 
     a = compose("train", [f"adapter={preset}"]).adapter
     return (a.method, int(a.experts), int(a.rank), int(a.block_rank))

@@ -33,12 +33,16 @@ def load_model_and_tokenizer(model_cfg):
 
     if model_cfg.get("random_init"):
         return _random_tiny_model(model_cfg), byte_tokenizer()
+    from transformers.utils import logging as hf_logging
+
     path = resolve_model_path(model_cfg)
+    hf_logging.disable_progress_bar()  # "Loading weights" bars for a model of a few files
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(model_cfg.get("dtype", "float32")))
     except OSError as err:
-        raise ModeError(f"model.name_or_path={path!r} could not be loaded: {str(err).splitlines()[0]}") from err
+        hub = "" if os.path.isdir(path) else " (a hub id: is the Hugging Face hub reachable and the model public?)"
+        raise ModeError(f"model.name_or_path={path!r} could not be loaded{hub}: {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -51,13 +55,15 @@ def resolve_model_path(model_cfg) -> str:
         raise ModeError("model.name_or_path is empty (set a hub id or a local folder)")
     if os.path.isdir(path):
         return path
-    if model_cfg.get("pypi_gguf"):
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if model_cfg.get("pypi_gguf") and os.path.isabs(path):
+        # Only the model group's own cache path is materialised: a hub id such as
+        # HuggingFaceTB/SmolLM2-135M-Instruct means the hub's weights, never a local 4-bit copy in the cwd.
         materialize_pypi_gguf(Path(path), model_cfg.pypi_gguf.package, model_cfg.pypi_gguf.file)
         return path
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local:
         raise ModeError(f"model.name_or_path={path!r}: no such folder")
-    return path  # a hub id; transformers reports a clear error if it is unreachable
+    return path  # a hub id: load_model_and_tokenizer reports clearly if the hub is unreachable
 
 
 def materialize_pypi_gguf(target: Path, package: str, member: str) -> None:

@@ -1,22 +1,15 @@
-"""Config checks that run before any work: each failure names the key and the value at fault.
-
-`validate_config` is cheap and needs no model or data; the checks that do (target modules against the
-model, task files, the model path) run while loading, still before the run directory gets any file.
-`check_resumable` guards `resume=true`: continuing a run with other settings would give a run that
-matches neither its config.yaml nor the new command.
+"""Is this command's config the run's own? Resuming with other settings would give a run that matches
+neither its config.yaml nor the new command; reporting a finished run made with other settings would
+pass off its old result as this command's. Both are refused, naming the keys that differ.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from mode.errors import ModeError
-
-# train.precision -> accelerate's mixed_precision
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 # Keys that may differ when resuming: where things are, how often to checkpoint or log, not what is trained.
 # (data.sni_dir may move; the checkpoint's fingerprint of the encoded training data guards its content.)
@@ -25,45 +18,6 @@ RESUMABLE_CHANGES = ("resume", "force", "logger", "paths", "data.sni_dir", "trai
 # Keys added after runs may have started: a run's config.yaml without one ran with this value.
 ADDED_KEYS = {"train.compile": False, "eval.curve_points": 0, "eval.curve_instances_per_task": 5}
 
-
-def _integer(cfg, key: str, minimum: int, allow_none: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ModeError(f"{key}={value!r} must be an integer >= {minimum}" + (" or null" if allow_none else ""))
-
-
-def validate_config(cfg) -> None:
-    """Cheap checks before any model or data is loaded."""
-    from mode.adapters import AdapterConfig
-
-    AdapterConfig.from_mapping(cfg.adapter)
-    _integer(cfg, "seed", 0)
-    _integer(cfg, "train.max_steps", 0)
-    for key in ("batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
-        _integer(cfg, f"train.{key}", 1)
-    _integer(cfg, "train.save_every", 0)
-    _integer(cfg, "data.max_instances_per_task", 1, allow_none=True)
-    _integer(cfg, "eval.max_instances_per_task", 1, allow_none=True)
-    _integer(cfg, "eval.curve_points", 0)
-    _integer(cfg, "eval.curve_instances_per_task", 1)
-    lr = cfg.train.lr
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-        raise ModeError(f"train.lr={lr!r} must be a positive number")
-    if cfg.train.precision not in PRECISIONS:
-        raise ModeError(f"train.precision={cfg.train.precision!r} is not one of {list(PRECISIONS)}")
-    for key in ("resume", "force", "train.gradient_checkpointing", "train.compile"):
-        if not isinstance(OmegaConf.select(cfg, key), bool):
-            raise ModeError(f"{key}={OmegaConf.select(cfg, key)!r} must be true or false")
-    if cfg.train.device not in ("auto", "cpu"):
-        raise ModeError(f"train.device={cfg.train.device!r} is not one of ['auto', 'cpu']")
-    if not Path(str(cfg.data.sni_dir)).is_dir():
-        raise ModeError(f"data.sni_dir={str(cfg.data.sni_dir)!r}: no such folder")
-    tasks = cfg.data.get("tasks")
-    if tasks is not None and len(tasks) == 0:
-        raise ModeError("data.tasks=[] is empty: list at least one task, or set data.tasks=null to use "
-                        "data.task_list_file")
 
 
 def _flatten(node, prefix: str = "") -> dict:

@@ -12,8 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from mode.config import REPO_DIR
-from mode.fileio import atomic_write_text
+from mode.run.config import REPO_DIR
+from mode.run.fileio import atomic_write_text
 
 PROVENANCE_FILE = "provenance.json"
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides bf16 speed on a CPU

@@ -21,7 +21,7 @@ NEW, UNFINISHED, FINISHED = "new", "unfinished", "finished"
 # What a run writes (Hydra's own .hydra/ record excepted); `force=true` removes these first, the
 # finished marker before anything else so that an interrupted removal never looks like a finished run.
 RUN_OUTPUTS = (FINISHED_MARKER, "predictions.jsonl", "routing.json", "curves.json", "timings.json", "adapter",
-               "checkpoints", "evals", "wandb", "data_stats.json", "provenance.json", STARTED_MARKER)
+               "checkpoints", "evals", "wandb", "wandb_run_id", "data_stats.json", "provenance.json", STARTED_MARKER)
 # A run's light record: everything needed to aggregate, compare and trace it; never weights or checkpoints.
 RECORD_FILES = ("config.yaml", "metrics.json", "predictions.jsonl", "routing.json", "curves.json",
                 "data_stats.json", "timings.json", "provenance.json")

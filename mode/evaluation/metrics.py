@@ -11,6 +11,8 @@ from collections import defaultdict
 
 from rouge_score import rouge_scorer
 
+from mode.data.sni import category_key  # noqa: F401  (metric-key groups; public here too)
+
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 _PUNCT = set(string.punctuation)
 
@@ -73,11 +75,6 @@ def sni_metrics(predictions: list[str], references: list[list[str]], groups: lis
             for key, value in aggregate(group_scores).items():
                 out[f"{key}_for_{group}"] = value
     return out
-
-
-def category_key(name: str) -> str:
-    """Category names become metric-key groups as upstream does: lowercase, spaces -> underscores."""
-    return "_".join(name.lower().split())
 
 
 def sni_report(predictions: list[str], references: list[list[str]], tasks: list[str],

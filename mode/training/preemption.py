@@ -30,6 +30,8 @@ class StopRequest:
     def listen(self) -> None:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             for sig in SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue  # e.g. SIGINT of a background job (`nohup ... &`): it stays ignored
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:

@@ -1,6 +1,6 @@
-"""Trainable-parameter table: `python -m mode.params [hydra overrides]`, e.g.
+"""Trainable-parameter table: `python -m mode.report.params [hydra overrides]`, e.g.
 
-    python -m mode.params model=gemma_2b adapter=mode adapter.experts=16 adapter.rank=4
+    python -m mode.report.params model=gemma_2b adapter=mode adapter.experts=16 adapter.rank=4
 
 The base model is built from its config on the meta device, so no weights are read or downloaded; the
 adapter is applied as training would apply it, and the table shows its trainable parameters per target
@@ -116,7 +116,7 @@ def format_table(t: dict) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    from mode.config import compose
+    from mode.run.config import compose
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in overrides):
@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     table = parameter_table(cfg)
     print(format_table(table))
     return table
+
+
+def run() -> None:
+    """Console script `mode-params`: exit status 0 after the table (main returns it for callers)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 
 from mode.adapters import adapter_state_dict, load_adapters, save_adapters
 from mode.errors import ModeError
-from mode.fileio import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from mode.run.fileio import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Checkpointer:
         self.last: Path | None = None  # the newest complete checkpoint of this run
         # accelerate logs one INFO line per file of every checkpoint; ours says the one thing that matters.
         logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+        logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)  # "[RANK 0] Saving current state"
         accelerator.register_for_checkpointing(scheduler, progress)
         accelerator.register_save_state_pre_hook(self._save_adapter_not_model)
         accelerator.register_load_state_pre_hook(self._load_adapter_not_model)

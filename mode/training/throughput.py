@@ -1,0 +1,38 @@
+"""Speed and memory options of a training run: activation checkpointing and regional compilation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from mode.adapters import checkpoint_context_fn
+from mode.errors import ModeError
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer; the context_fn gives recomputed adapters their
+    batch's task ids. Non-reentrant checkpoints pass gradients to the adapters inside without any input
+    requiring one, so the embeddings' output gets none (transformers asks for it: a wasted backward)."""
+    kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn(model)}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers 5; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.disable_input_require_grads()
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer in place (regional compilation: one compiled graph serves every
+    layer, so compiling costs one layer's time; module names, and so adapter and checkpoint keys, stay)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ModeError(f"train.compile=true: {type(model).__name__} has no decoder `layers` to compile")
+    for layer in layers:
+        layer.compile()
+
+
+def eager(compiled: bool):
+    """Run compiled layers eagerly (for generation: every KV-cache shape would be one more recompile)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if compiled and set_stance else contextlib.nullcontext()
