@@ -42,7 +42,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "" $(ARGS)
 
 reproduce-table: $(STAMP)
-	$(BIN)/python experiments/reproduce.py $(PROFILE) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run) $(if $(RECORDS),--records $(RECORDS)) $(ARGS)
+	$(BIN)/python experiments/reproduce.py $(PROFILE) --launcher $(LAUNCHER) $(if $(DRY_RUN),--dry-run) $(if $(RECORDS),--records $(RECORDS)) $(if $(GPUS),--gpus $(GPUS)) $(if $(JOBS_PER_NODE),--jobs-per-node $(JOBS_PER_NODE)) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
 aggregate: $(STAMP)
 	$(BIN)/mode-aggregate $(PROFILE) $(ARGS)

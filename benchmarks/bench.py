@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -268,12 +269,17 @@ def part_data(args) -> dict:
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        m = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-        cpu = m.group(1).strip() if m else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+    """What the numbers trace to: the code (commit, and whether the tracked files had uncommitted changes),
+    the CPU (model and the features that decide bf16 speed) and the software."""
+    from mode.run.provenance import cpu_info, git_commit
+
+    return {**cpu_info(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), **git_commit(REPO)}
+
+
+def exact_command(argv: list[str]) -> str:
+    """The command as typed (shell-quoted), so that it can be pasted to measure again."""
+    return shlex.join(["python", "-m", "benchmarks.bench", *argv])
 
 
 def load_average():
@@ -341,7 +347,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bench.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    command = " ".join(["python -m benchmarks.bench", *(sys.argv[1:] if argv is None else argv)])
+    command = exact_command(list(sys.argv[1:] if argv is None else argv))
     base = tokenizer = None
     if {"step", "layer", "generate", "profile", "memory"} & set(parts):
         base, tokenizer = load_base(args.model, args.layers)

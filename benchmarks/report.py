@@ -113,10 +113,22 @@ def fmt_load(load) -> str:
     return "/".join(f"{x:.1f}" for x in load) if load else "?"
 
 
+def code_version(m: dict) -> str:
+    """`commit abc123 (clean tree)`, `... with uncommitted changes`, or that it was not recorded (older runs)."""
+    if not m.get("commit"):
+        return "commit not recorded"
+    return f"commit {m['commit'][:12]}" + (" with uncommitted changes" if m.get("dirty") else " (clean tree)")
+
+
+def machine_text(m: dict) -> str:
+    features = f" ({', '.join(m['cpu_features'])})" if m.get("cpu_features") else ""
+    return f"{m['cpu']}{features}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, {m['platform']}"
+
+
 def _measured(run: dict, threads: bool = True) -> str:
-    return (f"Measured by `{run['command'].strip()}` on {run['date']} (load average {fmt_load(run['load_start'])} at "
-            f"the start, {fmt_load(run['load_end'])} at the end" + (f"; {run['threads']} torch thread(s))."
-                                                                     if threads else ")."))
+    return (f"Measured by `{run['command'].strip()}` at {code_version(run.get('machine', {}))} on {run['date']} "
+            f"(load average {fmt_load(run['load_start'])} at the start, {fmt_load(run['load_end'])} at the end"
+            + (f"; {run['threads']} torch thread(s))." if threads else ")."))
 
 
 def _shape(run: dict) -> str:
@@ -129,12 +141,21 @@ def render(results: dict) -> str:
              "Written by `python -m benchmarks.bench` (`make bench`); every number below comes from the run named "
              "in its section. Speed is compared as ratios of setups measured in the same round, because other jobs "
              "may share the machine.", ""]
-    runs = [results[k]["run"] for k in ("step", "layer", "generate", "memory", "profile", "padding", "data")
-            if k in results]
-    if runs:
-        m = runs[0]["machine"]
-        lines += [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, "
-                  f"{m['platform']}.", ""]
+    parts = [k for k in ("step", "layer", "generate", "memory", "profile", "padding", "data") if k in results]
+    machines: dict[str, list[str]] = {}  # parts measured by separate commands may come from other machines
+    for k in parts:
+        machines.setdefault(machine_text(results[k]["run"]["machine"]), []).append(k)
+    if len(machines) == 1:
+        lines += [f"Machine: {next(iter(machines))}.", ""]
+    elif machines:
+        lines += [f"Machine ({', '.join(names)}): {text}." for text, names in machines.items()] + [""]
+    versions: dict[str, list[str]] = {}
+    for k in parts:
+        versions.setdefault(code_version(results[k]["run"]["machine"]), []).append(k)
+    if len(versions) == 1:
+        lines += [f"Code: {next(iter(versions))}.", ""]
+    elif versions:
+        lines += [f"Code ({', '.join(names)}): {text}." for text, names in versions.items()] + [""]
     goals = goal_rows(results)
     if goals:
         lines += ["## Goals", "", "| goal | ratio (median) | quartiles over rounds | target | met |",

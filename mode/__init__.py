@@ -3,11 +3,13 @@
 The packages follow a run's data flow, and imports flow one way (tests/test_layout.py checks it):
 
     conf/ -> data/ -> adapters/ -> training/ -> evaluation/ -> report/
-             models/                 (the entry points train.py and eval.py sit on top)
+             models/                                          export/  (beside report: runs leave the framework)
+                                     (the entry points train.py and eval.py sit on top)
     run/ and errors.py underneath everything
 
-`mode.train` / `mode.eval` are the commands (`mode-train`, `mode-eval`); `mode.adapters` and
-`mode.metrics` are the public Python API (docs/python_api.md).
+`mode.train` / `mode.eval` are the commands (`mode-train`, `mode-eval`; mode-eval also evaluates any base
+model, alone or with a PEFT LoRA); `mode.export` is `mode-export` (PEFT, merged, Hub folders);
+`mode.adapters` and `mode.metrics` are the public Python API (docs/python_api.md).
 """
 
 import importlib

@@ -27,6 +27,7 @@ from mode.run.results import write_results
 from mode.run.run_dir import FINISHED, finished_metrics
 from mode.training.checks import validate_config
 from mode.training.curves import CURVE_KEYS, curve_steps, curve_subset
+from mode.training.distributed import slurm_environment
 from mode.training.loop import fit
 from mode.training.preemption import StopRequest
 from mode.training.session import Session, setup
@@ -161,6 +162,7 @@ def main() -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     precheck(sys.argv[1:])
+    os.environ.update(slurm_environment())  # srun with one task per GPU: the distributed variables
     sys.argv += worker_overrides()
     _hydra_main()
 

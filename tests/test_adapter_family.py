@@ -54,9 +54,16 @@ def adapted(method, seed=0, **kw):
     return model
 
 
-def literal_delta(layer, x, task_ids=None):
-    """SPEC.md's formula for one layer, token by token, expert by expert, slot by slot (slow, obvious)."""
-    method, s = layer.method, layer.scale
+def more_rank(selector, task: int) -> int:
+    """MoRE's rank rule from the raw tensors: k_t = argmax over k of softmax(W e_t + b), counted from 1."""
+    p = torch.softmax(selector.weight @ selector.task_embedding[task] + selector.bias, dim=0)
+    return int(torch.argmax(p)) + 1
+
+
+def literal_delta(layer, x, task_ids=None, *, scale):
+    """SPEC.md's formula for one layer, token by token, expert by expert, slot by slot (slow, obvious).
+    `scale` (alpha / rank) comes from the test's config, never from the layer under test."""
+    method, s = layer.method, scale
     A, B = layer.lora_A, layer.lora_B
     out = torch.zeros(*x.shape[:-1], layer.out_features)
     for b in range(x.shape[0]):
@@ -77,7 +84,7 @@ def literal_delta(layer, x, task_ids=None):
                     G = torch.softmax(layer.router[j // p] @ v, dim=0)
                     y = y + h[j] * sum(G[i] * B[i][:, j] for i in range(B.shape[0]))
             elif method == "more":
-                k = int(layer.selector.ranks()[task_ids[b]])
+                k = more_rank(layer.selector, int(task_ids[b]))
                 y = B[:, :k] @ (A[:k] @ v)
             out[b, t] = s * y
     return out
@@ -95,14 +102,40 @@ def test_fused_forward_equals_the_literal_formula(method, kw):
     layer = model.q_proj
     with adapter_context(model, task_ids=task_ids):
         fused = layer(x) - layer.base_layer(x)
-    torch.testing.assert_close(fused, literal_delta(layer, x, task_ids), rtol=1e-5, atol=1e-5)
+    c = cfg(method, **kw)
+    expected = literal_delta(layer, x, task_ids, scale=c["alpha"] / c["rank"])
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_more_tasks_really_use_different_ranks():
     """Guard for the MoRE case above: with equal ranks for every task it would prove little."""
     model = adapted("more")
-    ranks = model.q_proj.selector.ranks()
-    assert len(set(ranks.tolist())) > 1, ranks
+    ranks = [more_rank(model.q_proj.selector, t) for t in range(3)]
+    assert len(set(ranks)) > 1, ranks
+    assert model.q_proj.selector.ranks().tolist() == ranks
+
+
+def test_more_rank_rule_and_scale_against_hand_computed_values():
+    """Selector tensors set by hand: W e_t + b = [0,0,5,2], [5,0,0,2], [1,0,0,2] for tasks 0, 1, 2, so
+    k = 3, 1, 4 (1-based argmax; the bias decides task 2: without it k would be 1). Scale alpha/R = 8/4 = 2."""
+    model = adapted("more")
+    layer = model.q_proj
+    with torch.no_grad():
+        sel = layer.selector
+        sel.task_embedding.zero_()
+        sel.weight.zero_()
+        for t in range(3):
+            sel.task_embedding[t, t] = 1.0               # e_t = the t-th unit vector of the input space
+        sel.weight[2, 0], sel.weight[0, 1], sel.weight[0, 2] = 5.0, 5.0, 1.0
+        sel.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 2.0]))
+    assert [more_rank(sel, t) for t in range(3)] == [3, 1, 4]
+    assert sel.ranks().tolist() == [3, 1, 4]
+    x = torch.randn(3, 2, P)
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    with adapter_context(model, task_ids=torch.tensor([0, 1, 2])), torch.no_grad():
+        delta = layer(x) - layer.base_layer(x)
+    for t, k in enumerate([3, 1, 4]):
+        torch.testing.assert_close(delta[t], 2.0 * x[t] @ (B[:, :k] @ A[:k]).T, rtol=1e-5, atol=1e-5)
 
 
 def copy_tensors(src, dst, mapping):

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 from mode.evaluation import score
-from mode.report.compare import compare_pair, load_run, sign_test
+from mode.report.compare import Run, compare_pair, load_run, sign_test
 from mode.run.results import write_results
 
 
@@ -52,6 +52,46 @@ def test_win_rates_and_intervals(tmp_path):
     dlo, dhi = r["mean_difference_ci95"]
     assert dlo < r["mean_difference"] < dhi
     assert compare_pair(load_run(tmp_path / "a"), load_run(tmp_path / "b")) == r  # seeded
+
+
+def test_bootstrap_intervals_cover_a_known_difference_about_95_percent_of_the_time():
+    """Simulated pairs of runs whose per-task differences are N(2, 5^2): the true mean difference is 2 and the
+    true chance that A beats B on a task is Phi(2/5) = 0.655. Over 200 simulated comparisons of 40 tasks the
+    95% intervals must contain the truth about 95% of the time (percentile bootstrap: a little less for 40
+    tasks; the bounds allow 3 binomial s.d. of 200 draws on either side and that small bias)."""
+    import numpy as np
+
+    mu, sigma, n_tasks, reps = 2.0, 5.0, 40, 200
+    p_win = 0.5 * (1 + math.erf(mu / sigma / math.sqrt(2)))
+    rng = np.random.default_rng(1)
+    tasks = [f"task{i:03d}_x" for i in range(n_tasks)]
+    covered_mean = covered_win = 0
+    for rep in range(reps):
+        base = rng.uniform(20, 80, n_tasks)
+        diff = rng.normal(mu, sigma, n_tasks)
+        a = Run("a", 0.0, dict(zip(tasks, base + diff)), None)
+        b = Run("b", 0.0, dict(zip(tasks, base)), None)
+        r = compare_pair(a, b, n_boot=1000, seed=rep)
+        lo, hi = r["mean_difference_ci95"]
+        covered_mean += lo <= mu <= hi
+        lo, hi = r["win_rate_ci95"]
+        covered_win += lo <= p_win <= hi
+    assert 0.87 <= covered_mean / reps <= 0.99, covered_mean
+    assert 0.85 <= covered_win / reps <= 0.99, covered_win
+
+
+def test_bootstrap_interval_of_the_mean_matches_the_normal_theory_width():
+    """For one sample the bootstrap distribution of the mean is close to N(mean, s^2/n) (s with ddof=0): the
+    interval's half-width is 1.96 s / sqrt(n) within a few percent, centred on the sample mean."""
+    import numpy as np
+
+    diff = np.random.default_rng(3).normal(1.0, 4.0, 60)
+    tasks = [f"task{i:03d}_x" for i in range(len(diff))]
+    r = compare_pair(Run("a", 0.0, dict(zip(tasks, diff)), None), Run("b", 0.0, dict.fromkeys(tasks, 0.0), None))
+    lo, hi = r["mean_difference_ci95"]
+    half = 1.96 * diff.std() / math.sqrt(len(diff))
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.08)
+    assert (hi + lo) / 2 == pytest.approx(diff.mean(), abs=0.1 * half)
 
 
 def test_cli_prints_table3_style_lines_and_json(tmp_path):

@@ -156,6 +156,7 @@ def test_capping_training_never_changes_the_evaluation_instances(sni_fixture):
 
 
 @needs_shared_sni
+@pytest.mark.bundled_sni
 def test_reads_every_bundled_case_study_task_and_reports_absent_ones():
     from mode.run.config import compose
 

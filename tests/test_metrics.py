@@ -20,10 +20,34 @@ def test_exact_match_normalisation_keeps_articles():
     assert sni_metrics(["Answer."], [["answer"]])["exact_match"] == 100.0
 
 
-def test_rouge_argument_order_matters_and_is_target_first():
+def test_rouge_scorer_gets_the_reference_as_target_and_the_prediction_as_prediction(monkeypatch):
+    """ROUGE-L F is symmetric, so the reported score cannot show a swapped order; precision and recall can.
+    The scorer the project uses is wrapped so that it reports recall (LCS / reference tokens when the
+    reference is the target) in place of F: here 2/2 = 100 target-first and 2/8 = 25 if the order were swapped."""
+    import mode.evaluation.metrics as metrics_module
+
+    real = metrics_module._SCORER
+    calls = []
+
+    class RecallScorer:
+        def score(self, target, prediction):
+            calls.append((target, prediction))
+            s = real.score(target, prediction)["rougeL"]
+            return {"rougeL": type(s)(precision=s.precision, recall=s.recall, fmeasure=s.recall)}
+
+    monkeypatch.setattr(metrics_module, "_SCORER", RecallScorer())
+    pred, ref = "the cats were sitting on the mat today", "cats sitting"  # stems: cat, sit in both
+    assert sni_metrics([pred], [[ref]])["rougeL"] == 100.0
+    assert calls == [(ref, pred)]
+    # the rouge-score facts the wrapper relies on: recall is over the target's tokens, precision the prediction's
+    s = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(target=ref, prediction=pred)["rougeL"]
+    assert (s.precision, s.recall) == (0.25, 1.0)
+
+
+def test_rouge_l_f_is_symmetric_so_the_order_cannot_change_a_reported_score():
     pred, ref = "the cats were sitting on the mat today", "cats sitting"
-    expected = round(100 * official_rouge_l(pred, ref), 4)
-    assert sni_metrics([pred], [[ref]])["rougeL"] == expected
+    assert official_rouge_l(pred, ref) == official_rouge_l(ref, pred) == 0.4
+    assert sni_metrics([pred], [[ref]])["rougeL"] == sni_metrics([ref], [[pred]])["rougeL"] == 40.0
 
 
 def test_max_over_references_and_missing_prediction():

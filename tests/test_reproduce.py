@@ -23,10 +23,44 @@ def run(args, **kw):
 def test_paper_profile_dry_run_lists_jobs_without_a_gpu(tmp_path):
     out = run(DRIVER + ["paper", "--dry-run", "--runs-dir", str(tmp_path)])
     lines = [line for line in out.splitlines() if line.startswith("table")]
-    assert len(lines) == 42 and all(" new " in line or " shared " in line for line in lines)
+    assert len(lines) == 50 and all(" new " in line or " shared " in line for line in lines)
     assert "adapter=paper/mode_12x16x8" in out and "case_study/paper/mode_14x4x1/seed1" in out
-    assert "42 jobs listed, 39 to run" in out
+    assert "50 jobs listed, 47 to run" in out  # Table 3's headline methods with seeds 2 and 3
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_paper_profile_on_an_8_gpu_node_and_on_slurm_prints_the_commands_a_cluster_runs(tmp_path):
+    out = run(DRIVER + ["paper", "--dry-run", "--gpus", "8", "--runs-dir", str(tmp_path)])
+    cmds = [line for line in out.splitlines() if line.startswith("+ ")]
+    assert len(cmds) == 47 and all("-m torch.distributed.run --standalone --nproc_per_node=8 -m mode.train" in c
+                                   and " resume=true" in c and " hydra.run.dir=" in c for c in cmds)
+    assert "8 process(es) on cuda; global batch 128 = micro 8 x accumulation 2 x 8; 20,000 steps" in out
+    packed = run(DRIVER + ["paper", "--dry-run", "--gpus", "2", "--jobs-per-node", "4", "--runs-dir", str(tmp_path)])
+    slots = [line.split("]")[0] for line in packed.splitlines() if line.startswith("[slot")]
+    assert slots[:5] == ["[slot 0, devices 0,1", "[slot 1, devices 2,3", "[slot 2, devices 4,5",
+                         "[slot 3, devices 6,7", "[slot 0, devices 0,1"]  # never two jobs on one device
+    slurm = run(DRIVER + ["paper", "--dry-run", "--gpus", "8", "--launcher", "slurm", "--runs-dir", str(tmp_path)])
+    sweeps = [line for line in slurm.splitlines() if line.startswith("+ ")]
+    assert len(sweeps) == 5 and all("hydra/launcher=slurm" in c and "hydra.launcher.gpus_per_node=8" in c
+                                    and "hydra.launcher.tasks_per_node=8" in c for c in sweeps)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@needs_stories
+@needs_shared_sni
+def test_smoke_profile_on_two_processes_per_job_equals_one_process_and_aggregates(tmp_path):
+    """GPUS=2 on CPU: each job runs on 2 gloo processes under torchrun; its adapter equals the
+    single-process run's bit for bit (the same micro-batches), and the finished sweep aggregates."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    log = run(DRIVER + ["smoke", "--gpus", "2", "--tables", "table4", "--runs-dir", str(two), "--out", str(tmp_path / "a")])
+    assert "--nproc_per_node=2" in log
+    run(DRIVER + ["smoke", "--tables", "table4", "--runs-dir", str(one), "--no-aggregate"])
+    for job in sorted((two / "reproduce" / "smoke" / "paper").iterdir()):
+        a = (job / "seed1" / "adapter" / "adapter_model.safetensors").read_bytes()
+        b = (one / "reproduce" / "smoke" / "paper" / job.name / "seed1" / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert a == b, job.name
+    assert "0 to run" in run(DRIVER + ["smoke", "--tables", "table4", "--dry-run", "--runs-dir", str(two)])
 
 
 @needs_stories

@@ -230,7 +230,7 @@ def test_non_finite_weights_are_never_checkpointed(sni, tmp_path, monkeypatch):
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000002"]
 
 
-def test_resume_with_other_settings_is_refused(sni, tmp_path, monkeypatch):
+def test_resume_with_other_settings_is_refused(sni, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
     crash_at_step(monkeypatch, 3)
     with pytest.raises(SimulatedCrash):
@@ -241,7 +241,7 @@ def test_resume_with_other_settings_is_refused(sni, tmp_path, monkeypatch):
     # where things are and how often to checkpoint may change
     monkeypatch.undo()
     train(tiny_cfg(sni, "resume=true", "train.save_every=3", "logger=none"), str(run))
-    assert (run / "metrics.json").exists()
+    assert_same_run(run, reference)
 
 
 def test_resume_on_changed_data_is_refused(sni, tmp_path, monkeypatch):

@@ -158,6 +158,7 @@ def test_splits_are_identical_across_processes(sni_fixture):
 
 
 @needs_shared_sni
+@pytest.mark.bundled_sni
 def test_held_in_splits_of_every_bundled_train_task_are_disjoint_and_90_10():
     names = [n for n in read_task_list(SHARED_SNI / "splits/default/train_tasks.txt")
              if (SHARED_SNI / "tasks" / f"{n}.json").is_file()]
@@ -172,6 +173,7 @@ def test_held_in_splits_of_every_bundled_train_task_are_disjoint_and_90_10():
 
 
 @needs_shared_sni
+@pytest.mark.bundled_sni
 def test_bundled_held_out_config_selects_disjoint_train_and_test_tasks():
     from mode.run.config import compose
 

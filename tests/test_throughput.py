@@ -5,6 +5,8 @@ of processes, bf16 autocast stays within bf16's tolerance of fp32, and torch.com
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import STORIES, needs_stories
@@ -138,15 +140,37 @@ def test_compiled_layers_match_eager(method):
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-5)
 
 
+def train_losses(run) -> list[float]:
+    return [p["train/loss"] for p in json.loads((run / "curves.json").read_text())["train"]]
+
+
+# bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); the loss is ~5.6 nats, so one ulp is ~0.02
+BF16_LOSS_TOLERANCE = 0.02
+
+
 def test_throughput_options_through_the_cli(sni_fixture, tmp_path):
-    """bf16 + gradient checkpointing + compiled layers in one real run (evaluation runs eagerly)."""
-    run = tmp_path / "run"
-    out = cli("mode.train", "model=tiny_random", "adapter=mode", f"data.sni_dir={sni_fixture}",
-              "data.tasks=[task001_add_numbers]", "train.max_steps=2", "train.batch_size=4",
-              "train.micro_batch_size=2", "train.precision=bf16", "train.gradient_checkpointing=true",
-              "train.compile=true", "eval.max_instances_per_task=2", "eval.max_new_tokens=3",
-              f"hydra.run.dir={run}")
+    """bf16 + gradient checkpointing + compiled layers in one real run (evaluation runs eagerly), against the
+    same run in fp32 without them: every step's training loss within BF16_LOSS_TOLERANCE. The learning rate is
+    high enough that four steps lower the loss by over ten times that tolerance, so a run whose adapters stop
+    learning under these options (no gradient through the checkpointed layers, a lost update) fails."""
+    common = ["model=tiny_random", "adapter=mode", f"data.sni_dir={sni_fixture}", "data.tasks=[task001_add_numbers]",
+              "train.max_steps=4", "train.batch_size=4", "train.micro_batch_size=2", "train.log_every=1",
+              "train.lr=0.02", "eval.max_instances_per_task=2", "eval.max_new_tokens=3"]
+    run, reference = tmp_path / "run", tmp_path / "fp32"
+    out = cli("mode.train", *common, "train.precision=bf16", "train.gradient_checkpointing=true",
+              "train.compile=true", f"hydra.run.dir={run}")
     assert (run / "metrics.json").exists(), out.stderr[-2000:]
+    cli("mode.train", *common, f"hydra.run.dir={reference}")
+    provenance = json.loads((run / "provenance.json").read_text())["attempts"][-1]
+    assert provenance["precision"] == "bf16"
+    ours, fp32 = train_losses(run), train_losses(reference)
+    assert len(ours) == len(fp32) == 4
+    assert fp32[0] - fp32[-1] > 10 * BF16_LOSS_TOLERANCE, fp32                     # the tolerance can see a stall
+    assert ours != fp32                                                            # bf16 did run
+    for step, (a, b) in enumerate(zip(ours, fp32), 1):
+        assert abs(a - b) <= BF16_LOSS_TOLERANCE, (step, ours, fp32)
+    metrics, metrics32 = (json.loads((r / "metrics.json").read_text()) for r in (run, reference))
+    assert abs(metrics["train_loss"] - metrics32["train_loss"]) <= BF16_LOSS_TOLERANCE
     assert "recompile_limit" not in out.stderr
     bad = cli("mode.train", "train.compile=yes", f"data.sni_dir={sni_fixture}", f"hydra.run.dir={tmp_path / 'bad'}",
               check=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 
 from mode.errors import ModeError
@@ -24,6 +25,12 @@ class AdapterConfig:
     num_tasks: int | None = None       # MoRE: tasks the selector knows (mode-train sets it from the data)
     contrastive_weight: float = 0.1    # MoRE: L = L_gen + contrastive_weight * L_con (paper: 0.1)
     contrastive_temperature: float = 0.05  # MoRE: temperature of the contrastive loss (paper: 0.05)
+    # Routing options of the mixtures (molora, molora_sd, mode); LoRA and MoRE refuse non-defaults
+    top_k: int | None = None           # keep each router's k largest logits, softmax over them (null: dense)
+    router_temperature: float = 1.0    # gates = softmax(logits / router_temperature)
+    balance_loss_weight: float = 0.0   # + w * Switch load-balancing loss m * sum_i f_i P_i
+    z_loss_weight: float = 0.0         # + w * router z-loss: mean over tokens of logsumexp(logits)^2
+    router_input: str = "token"        # token | task: routers read the token, or a learned per-task embedding
 
     @classmethod
     def from_mapping(cls, cfg) -> AdapterConfig:
@@ -68,6 +75,16 @@ class AdapterConfig:
             raise ModeError(f"adapter.init_A={self.init_A!r} is not one of ['kaiming_uniform', 'normal']")
         if self.num_tasks is not None and (not isinstance(self.num_tasks, int) or self.num_tasks < 1):
             raise ModeError(f"adapter.num_tasks={self.num_tasks!r} must be an integer >= 1 (or null)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ModeError(f"adapter.top_k={self.top_k!r} must be an integer >= 1 (or null: a dense softmax)")
+        if not (_is_number(self.router_temperature) and self.router_temperature > 0):
+            raise ModeError(f"adapter.router_temperature={self.router_temperature!r} must be a number > 0")
+        for key in ("balance_loss_weight", "z_loss_weight"):
+            if not (_is_number(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ModeError(f"adapter.{key}={getattr(self, key)!r} must be a number >= 0")
+        if self.router_input not in ("token", "task"):
+            raise ModeError(f"adapter.router_input={self.router_input!r} is not one of ['token', 'task']")
         METHODS[self.method].check_config(self)
 
     @property
@@ -76,3 +93,12 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The mixtures' routing keys and their defaults (the value that means "option off")
+ROUTING_KEYS = {f.name: f.default for f in dataclasses.fields(AdapterConfig)
+                if f.name in ("top_k", "router_temperature", "balance_loss_weight", "z_loss_weight", "router_input")}

@@ -1,9 +1,12 @@
 """Routing diagnostics: what users of mixtures ask first — do the routers use their experts, or collapse?
 
-Token-routed layers (MoLoRA, MoLoRA-SD, MoDE) add running sums to themselves inside the forward they
-run anyway (base.py `record_routing`: a few reductions of the gates, no extra forward): per router
-block, the gate mass each expert received and the routing entropy, over real (unpadded) tokens.
-MoRE's routing is per task, so its summary is the rank each task currently selects in each layer.
+Mixture layers (MoLoRA, MoLoRA-SD, MoDE, token- or task-routed, any top_k) add running sums to themselves
+inside the forward they run anyway (base.py `record_routing`: a few reductions of the gates, no extra
+forward): per router block, the gate mass each expert received and the routing entropy, over real
+(unpadded) tokens. MoRE's routing is per task, so its summary is the rank each task currently selects in
+each layer. The routers' auxiliary losses (MoRE's contrastive loss; the mixtures' load-balancing and z
+losses) are logged as `train/<name>_loss` (`train/balance_loss`, `train/z_loss`): the unweighted mean
+over the window's forwards of each forward's mean over layers.
 
     diagnostics = AdapterDiagnostics(model); diagnostics.start()
     ... forward passes ...
@@ -31,7 +34,7 @@ class AdapterDiagnostics:
     def __init__(self, model):
         self.runtime = runtime_of(model)
         layers = list(adapter_layers(model))
-        self.routed = [(path, layer) for path, layer in layers if layer.token_routed]
+        self.routed = [(path, layer) for path, layer in layers if layer.mixture]
         self.task_routed = [(path, layer) for path, layer in layers if hasattr(layer, "selector")]
 
     def start(self, tasks: int | None = None) -> None:

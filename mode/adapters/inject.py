@@ -97,8 +97,9 @@ def count_adapter_parameters(model: nn.Module) -> int:
 
 
 def merge_adapters(model: nn.Module, task: int | None = None) -> None:
-    """Fold the adapters into the base weights (no extra inference cost). MoRE merges one task's adapter
-    (`task` = its index); token-routed mixtures cannot be merged and raise before any weight changes."""
+    """Fold the adapters into the base weights (no extra inference cost). Task-routed adapters (MoRE, and
+    mixtures with adapter.router_input=task) merge one task's adapter (`task` = its index); token-routed
+    mixtures cannot be merged and raise before any weight changes."""
     for _, layer in adapter_layers(model):
         layer.merge(task)
 

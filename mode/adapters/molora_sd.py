@@ -3,7 +3,8 @@
     g = softmax(router x);  y = W0 x + s * sum_i g_i B_i A x
 
 This is MoDE with one router for all r slots (block_rank = r), so it runs MoDE's fused kernel; only the
-router's stored shape differs ([m, P], as SPEC.md fixes it).
+router's stored shape differs ([m, P], as SPEC.md fixes it). The routing options (top_k, temperature, aux
+losses, router_input=task with its per-task merge into one rank-r LoRA) come with it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class MoLoRASDLinear(MoDELinear):
         if cfg.block_rank != 1:
             raise ModeError(f"adapter.block_rank={cfg.block_rank} is for adapter.method='mode' only "
                             "(MoLoRA-SD is MoDE with block_rank = rank); leave it at 1")
+        cls.check_routing(cfg)
 
     @staticmethod
     def block_rank_for(cfg) -> int:

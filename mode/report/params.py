@@ -68,7 +68,8 @@ def parameter_table(cfg) -> dict:
     base_total = sum(p.numel() for p in model.parameters())
     base = non_embedding_parameters(model)
     num_tasks = None
-    if cfg.adapter.method == "more" and cfg.adapter.get("num_tasks") is None:
+    by_task = cfg.adapter.method == "more" or cfg.adapter.get("router_input", "token") == "task"
+    if by_task and cfg.adapter.get("num_tasks") is None:
         num_tasks = len(training_tasks(cfg.data))
     apply_adapters(model, cfg.adapter, num_tasks=num_tasks)
     rows: dict[tuple, dict] = {}

@@ -81,12 +81,19 @@ def precheck_cli(config_name: str, argv: list[str]) -> None:
         close = difflib.get_close_matches(key, known, n=1)
         raise ModeError(f"{override!r}: {key} is not a config key" + (f" (did you mean {close[0]}?)" if close else
                         "; see --help for the groups and keys"))
-    if config_name == "eval":
+    if config_name == "eval":  # a run again (run_dir=), or any model alone / with adapter_path= (out=)
         run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
-        if run_dir is None:
-            raise ModeError("mode-eval needs run_dir=<a run directory of mode-train> (see mode-eval --help)")
-        if not (Path(run_dir) / "config.yaml").is_file():
+        out = next((o.split("=", 1)[1] for o in overrides if o.startswith("out=")), None)
+        adapter_path = next((o.split("=", 1)[1] for o in overrides if o.startswith("adapter_path=")), None)
+        if run_dir is None and out is None:
+            raise ModeError("mode-eval needs run_dir=<a run directory of mode-train>, or out=<folder> to evaluate "
+                            "model=... alone or with adapter_path=<PEFT LoRA folder> (see mode-eval --help)")
+        if run_dir is not None and adapter_path is not None:
+            raise ModeError("mode-eval run_dir=... evaluates the run's own adapter: drop adapter_path= (or run_dir=)")
+        if run_dir is not None and not (Path(run_dir) / "config.yaml").is_file():
             raise ModeError(f"run_dir={run_dir!r} has no config.yaml (is it a mode run directory?)")
+        if adapter_path is not None and not Path(adapter_path).is_dir():
+            raise ModeError(f"adapter_path={adapter_path!r}: no such folder")
     if _is_sweep(argv):
         return  # sweep values (a,b,c) are checked job by job
     try:

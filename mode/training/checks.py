@@ -87,8 +87,9 @@ def validate_config(cfg) -> None:
     for key in ("resume", "force", "train.gradient_checkpointing", "train.compile"):
         if not isinstance(OmegaConf.select(cfg, key), bool):
             raise ModeError(f"{key}={OmegaConf.select(cfg, key)!r} must be true or false")
-    if cfg.train.device not in ("auto", "cpu"):
-        raise ModeError(f"train.device={cfg.train.device!r} is not one of ['auto', 'cpu']")
+    device = str(cfg.train.device)
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ModeError(f"train.device={cfg.train.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
     if not Path(str(cfg.data.sni_dir)).is_dir():
         raise ModeError(f"data.sni_dir={str(cfg.data.sni_dir)!r}: no such folder")
     check_context(cfg, cfg.model.get("max_length"))

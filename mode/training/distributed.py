@@ -6,6 +6,7 @@ micro-batches one process would (the same step, up to the order of one sum).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -41,23 +42,65 @@ def micro_batches(examples, indices: list[int], rank: int, world: int, accum: in
     """This process's micro-batches of one global batch.
 
     The global batch is sorted by length (less padding: similar lengths share a micro-batch) and cut into
-    world x accum micro-batches, dealt round-robin. Which micro-batches exist depends on
-    train.micro_batch_size alone, so N processes compute exactly the micro-batches one process would
-    (the same step, up to the order of one sum), and every process gets short and long ones alike.
+    world x accum micro-batches, dealt in serpentine order (0 1 .. w-1, w-1 .. 1 0, ...), so every
+    process gets short and long ones alike and no process always holds the longest. Which micro-batches
+    exist depends on train.micro_batch_size alone, so N processes compute exactly the micro-batches one
+    process would (the same step, up to the order of one sum).
     """
     ordered = sorted(indices, key=lambda i: len(examples[i]["input_ids"]))  # stable: ties keep sampling order
     groups = [ordered[k * micro : (k + 1) * micro] for k in range(world * accum)]
-    return groups[rank::world]
+    return [g for k, g in enumerate(groups) if serpentine_owner(k, world) == rank]
+
+
+def serpentine_owner(k: int, world: int) -> int:
+    """The process that computes micro-batch k (in ascending length) of a global batch."""
+    position, lap = k % world, k // world
+    return position if lap % 2 == 0 else world - 1 - position
+
+
+def gpu_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def use_cpu(device: str) -> bool:
-    """train.device=auto trains on the accelerator torch finds, else on the CPU, and must say so: under
-    torchrun, accelerate's `cpu=False` on a machine without a GPU forms no process group at all (every
-    process would train alone, as rank 0)."""
+    """Whether to train on the CPU for train.device = auto | cpu | cuda | cuda:N. `cuda` without a GPU is
+    an error (a GPU profile must never fall back to the CPU in silence); `auto` falls back, and the session
+    logs the device it got. Under torchrun, accelerate's `cpu=False` on a machine without a GPU would form
+    no process group at all (every process would train alone, as rank 0): hence `cpu=True` there."""
     if device == "cpu":
         return True
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available())
+    if str(device).startswith("cuda"):
+        from mode.errors import ModeError
+
+        if not gpu_available():
+            raise ModeError(f"train.device={device}: no GPU is visible (CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use train.device=auto or cpu to "
+                            "train on the CPU")
+        if ":" in str(device) and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            torch.cuda.set_device(int(str(device).split(":")[1]))  # one process: this GPU
+        return False
+    return not gpu_available()
+
+
+def slurm_environment(env=os.environ) -> dict[str, str]:
+    """RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from SLURM's variables, for `srun` with one
+    task per GPU (torchrun sets them itself; nothing is changed when they are set or SLURM ran one task)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return {}
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost"
+    return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": env["SLURM_NTASKS"], "MASTER_ADDR": first_host(nodes),
+            "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[012-015,020],cpu1' -> 'gpu012' (no scontrol needed)."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
 
 
 def plan_on_main(accelerator, run_dir: Path, cfg, resolved: dict) -> tuple[Path, str]:

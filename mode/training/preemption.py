@@ -13,7 +13,8 @@ import threading
 
 import torch
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR2: submitit's (SLURM) signal before the time limit; it then requeues the job, which resumes.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, *((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ()))
 
 
 class StopRequest:
@@ -35,9 +36,16 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
+        """Put the previous handlers back. After a checkpointed stop, a previous Python handler of that signal
+        (submitit's: requeue the job) gets the signal too, so the scheduler's own logic still runs."""
+        previous = dict(self._previous)
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        handler = previous.get(self.signum)
+        if self.signum is not None and callable(handler) and handler is not signal.default_int_handler:
+            self.signum, signum = None, self.signum
+            signal.raise_signal(signum)
 
     def __enter__(self) -> StopRequest:
         return self

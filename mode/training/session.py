@@ -94,9 +94,11 @@ def setup(cfg, run_dir) -> Session:
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(s.model)
     s.data = build_data(cfg.data, cfg.eval, s.tokenizer, cache_dir=cfg.paths.get("cache_dir"))
-    if cfg.adapter.method == "more" and set(s.data.eval_tasks) - set(s.data.tasks):
-        raise ModeError("adapter.method='more' routes by training task, but data.protocol="
-                        f"{cfg.data.protocol!r} evaluates tasks it never trained on (use held_in)")
+    routes_by_task = ("adapter.method='more'" if cfg.adapter.method == "more" else
+                      "adapter.router_input='task'" if cfg.adapter.get("router_input", "token") == "task" else None)
+    if routes_by_task and set(s.data.eval_tasks) - set(s.data.tasks):
+        raise ModeError(f"{routes_by_task} routes by training task, but data.protocol={cfg.data.protocol!r} "
+                        "evaluates tasks it never trained on (use held_in)")
     torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading consumed
     apply_adapters(s.model, cfg.adapter, num_tasks=len(s.data.tasks))
     if cfg.train.compile:

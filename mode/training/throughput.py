@@ -28,6 +28,10 @@ def compile_layers(model) -> None:
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
         raise ModeError(f"train.compile=true: {type(model).__name__} has no decoder `layers` to compile")
+    import logging
+
+    logging.getLogger(__name__).info("train.compile=true: the first steps compile the %d decoder layers and take "
+                                     "much longer than the rest (one graph serves all layers)", len(layers))
     for layer in layers:
         layer.compile()
 
