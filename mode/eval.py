@@ -102,11 +102,12 @@ def evaluate_run(cfg: DictConfig, out_dir: str) -> dict:
     original = run_dir / "metrics.json"
     if original.is_file():
         before = json.loads(original.read_text())
-        keys = [k for k in metrics if k.startswith(("rougeL", "exact_match")) or k == "num_instances"]
-        differ = [k for k in keys if before.get(k) != metrics[k]]
+        def scored(m):  # every evaluation key of either file: a key missing on one side is a difference
+            return {k for k in m if k.startswith(("rougeL", "exact_match")) or k == "num_instances"}
+        differ = sorted(k for k in scored(metrics) | scored(before) if before.get(k, "<missing>") != metrics.get(k, "<missing>"))
         print("reproduces the run's metrics exactly" if not differ else
               f"differs from the run's metrics.json in {len(differ)} key(s), e.g. {differ[0]}: "
-              f"{before.get(differ[0])} -> {metrics[differ[0]]}", flush=True)
+              f"{before.get(differ[0], '<missing>')} -> {metrics.get(differ[0], '<missing>')}", flush=True)
     return metrics
 
 

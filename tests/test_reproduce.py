@@ -139,3 +139,11 @@ def test_committed_records_stand_for_their_jobs_and_a_changed_config_is_refused(
     (first["record"] / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     with pytest.raises(ModeError, match=r"recorded with train.max_steps=\d+, but this job has train.max_steps="):
         reproduce.job_list("smoke", str(tmp_path / "runs"), records)
+
+
+def test_a_refused_aggregation_leaves_no_out_folder(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mode.report.aggregate", "smoke", "--runs-dir", str(tmp_path / "none"),
+                           "--records", str(tmp_path / "no_records"), "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no finished run of profile 'smoke'" in proc.stderr
+    assert not (tmp_path / "out").exists()

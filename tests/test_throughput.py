@@ -177,4 +177,4 @@ def test_throughput_options_through_the_cli(sni_fixture, tmp_path):
     assert bad.returncode == 2 and "train.compile='yes' must be true or false" in bad.stderr
     bad = cli("mode.train", "train.device=gpu", f"data.sni_dir={sni_fixture}", f"hydra.run.dir={tmp_path / 'bad'}",
               check=False)
-    assert bad.returncode == 2 and "train.device='gpu' is not one of ['auto', 'cpu']" in bad.stderr
+    assert bad.returncode == 2 and "train.device='gpu' is not one of ['auto', 'cpu', 'cuda', 'cuda:N']" in bad.stderr

@@ -46,10 +46,9 @@ def apply_adapters(model: nn.Module, config, num_tasks: int | None = None) -> nn
     if unmatched:
         raise ModeError(f"adapter.target_modules entries {unmatched} match no nn.Linear in {type(model).__name__}")
     for name, linear in targets:
-        if cfg.rank > min(linear.in_features, linear.out_features):
-            raise ModeError(f"adapter.rank={cfg.rank} exceeds the adapted layer {name} ({linear.in_features} -> "
-                            f"{linear.out_features}): a rank above {min(linear.in_features, linear.out_features)} "
-                            "adds parameters, not capacity")
+        if cfg.rank > max(linear.in_features, linear.out_features):  # above min() is only wasteful (smoke runs)
+            raise ModeError(f"adapter.rank={cfg.rank} exceeds both dimensions of the adapted layer {name} "
+                            f"({linear.in_features} -> {linear.out_features}): it adds parameters, not capacity")
     # Shared by reference (see runtime.py); task ids are range-checked only where they route.
     runtime = AdapterRuntime(num_tasks=cfg.num_tasks if layer_cls.task_routed else None)
     for name, linear in targets:

@@ -684,13 +684,13 @@ def aggregate(profile: str, runs_dir: str | None, out_dir: Path, records: Path |
     """Write results/<profile>/ (see the module docstring) and return the summary. With `wandb` (or when the
     profile's logger config is wandb) each table's CSVs and PNGs also go to one W&B run in its group."""
     tables, paper, specs = collect_tables(profile, runs_dir, records)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"profile": profile, "tables": {}, "titles": {}, "paired": {}, "task_wins": {}, "routing": {},
                      "curves": {}}
     found = sum(len(c.metrics) for cells in tables.values() for c in cells)
-    if not found:
+    if not found:  # checked before --out is created: a refused command leaves no folder behind
         raise ModeError(f"no finished run of profile {profile!r} found (looked in the experiments' sweep dirs; "
                         "pass --runs-dir for runs copied elsewhere)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
     pngs = {name: analyse_table(name, cells, paper, out_dir, summary, cache) for name, cells in tables.items()}
     wins = win_rate_matrix(tables, paper, cache)
