@@ -32,10 +32,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mode.errors import ModeError, exit_on_user_error
-from mode.report.aggregate import table_specs
+from mode.report.aggregate import profile_root, table_specs
 from mode.run.config import compose, to_container
 from mode.run.fileio import atomic_write_text
-from mode.run.resume import config_differences
+from mode.run.resume import also_differ, config_differences
 from mode.run.run_dir import FINISHED, RECORD_FILES, run_state
 
 LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=local_parallel"], "slurm": ["hydra/launcher=slurm"]}
@@ -51,7 +51,7 @@ def job_list(profile: str, runs_dir: str | None, records: Path | None = None, ta
     unknown = [t for t in names if t not in specs]
     if unknown:
         raise ModeError(f"--tables: {unknown[0]!r} is not a table of profile {profile!r} ({', '.join(specs)})")
-    root = Path(os.path.commonpath([str(s["sweep_dir"]) for s in specs.values()]))
+    root = profile_root(specs)
     jobs, seen = [], set()
     for table in names:
         spec = specs[table]
@@ -114,7 +114,7 @@ def check_record(record: Path, profile: str, table: str, preset: str, seed: int,
     differ = config_differences(resolved, saved)
     if differ:
         key, now, then = differ[0]
-        others = f" (also {', '.join(k for k, _, _ in differ[1:])})" if len(differ) > 1 else ""
+        others = also_differ(differ)
         raise ModeError(f"{record}: recorded with {key}={then!r}, but this job has {key}={now!r}{others}; "
                         "record it elsewhere (--records) or move the old record aside")
 
@@ -159,8 +159,7 @@ def run_jobs(jobs: list[dict], profile: str, extra: list[str], gpus: int = 1, jo
             running[subprocess.Popen(cmd, env=env)] = (j, slot)
         if not running:
             break
-        proc = next(iter(running)) if len(running) == 1 else _wait_any(running)
-        proc.wait()
+        proc = _wait_any(running)
         j, slot = running.pop(proc)
         free.append(slot)
         if proc.returncode != 0:

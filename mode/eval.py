@@ -93,7 +93,7 @@ def evaluate_run(cfg: DictConfig, out_dir: str) -> dict:
         raise ModeError(f"{adapter_dir}: the MoRE adapter was trained on other tasks (or another order) than "
                         f"data.tasks gives now ({len(trained_on)} vs {len(data.tasks)}); task ids would not match")
     diagnostics = AdapterDiagnostics(model)
-    names = [*data.tasks, *[t for t in data.eval_tasks if t not in data.tasks]]
+    names = data.task_names
     diagnostics.start(tasks=len(names))
     metrics, rows = evaluate(model, tokenizer, data.eval, run_cfg.eval)
     write_results(out_dir, metrics, rows, diagnostics.summary(tasks=names))
@@ -148,7 +148,7 @@ def evaluate_model(cfg: DictConfig, out_dir: str) -> dict:
     device = torch.device(cfg.eval.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     diagnostics = AdapterDiagnostics(model)
-    names = [*data.tasks, *[t for t in data.eval_tasks if t not in data.tasks]]
+    names = data.task_names
     diagnostics.start(tasks=len(names))
     metrics, rows = evaluate(model, tokenizer, data.eval, cfg.eval)
     trainable = count_adapter_parameters(model)

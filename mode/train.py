@@ -77,7 +77,7 @@ def finish(s: Session) -> dict:
         save_adapters(s.model, s.run_dir / "adapter", extra={"base_model": cfg.model.name_or_path,
                                                              "model_id": cfg.model.id, "tasks": s.data.tasks})
     s.diagnostics.reset()
-    names = all_task_names(s.data)
+    names = s.data.task_names
     s.diagnostics.start(tasks=len(names))  # the evaluation's routing, per task too
     with eager(cfg.train.compile):
         metrics, predictions = evaluate(s.model, s.tokenizer, s.data.eval, cfg.eval, acc)
@@ -97,11 +97,6 @@ def finish(s: Session) -> dict:
               f"({metrics['num_instances']} instances, {len(s.data.eval_tasks)} tasks) -> {s.run_dir}", flush=True)
     s.logger.finish()
     return metrics
-
-
-def all_task_names(data) -> list[str]:
-    """Names by task index: training tasks, then evaluation-only (held-out) tasks (`TaskSets.task_index`)."""
-    return [*data.tasks, *[t for t in data.eval_tasks if t not in data.tasks]]
 
 
 def closed_curves(s: Session, predictions: list[dict]) -> dict:

@@ -64,13 +64,31 @@ def sni(tmp_path_factory):
     return write_sni_fixture(tmp_path_factory.mktemp("data") / "sni")
 
 
-def test_slurm_timeout_signal_checkpoints_then_hands_over_to_submitit(sni, tmp_path, monkeypatch):
-    """submitit sends SIGUSR2 before the time limit and requeues the job from its own USR2 handler: training
-    checkpoints after the current step first, then the previous handler runs (here: a stand-in)."""
+def train_receiving_usr2(sni, run, at_step: int, handler, monkeypatch):
+    """A tiny training run that receives SIGUSR2 when batch `at_step` is drawn, `handler` installed before."""
     import os
 
     from mode.data.sampling import MixtureSampler
     from mode.train import train
+
+    original = MixtureSampler.indices
+
+    def indices(self, k):
+        if k == at_step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return original(self, k)
+
+    monkeypatch.setattr(MixtureSampler, "indices", indices)
+    previous = signal.signal(signal.SIGUSR2, handler)
+    try:
+        train(tiny_cfg(sni, "train.save_every=100"), str(run))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_slurm_timeout_signal_checkpoints_then_hands_over_to_submitit(sni, tmp_path, monkeypatch):
+    """submitit sends SIGUSR2 before the time limit and requeues the job from its own USR2 handler: training
+    checkpoints after the current step first, then the previous handler runs (here: a stand-in)."""
     from mode.training.checkpoint import list_checkpoints
 
     run = tmp_path / "run"
@@ -80,41 +98,12 @@ def test_slurm_timeout_signal_checkpoints_then_hands_over_to_submitit(sni, tmp_p
         requeued.append([p.name for p in list_checkpoints(run / "checkpoints")])
         raise SystemExit(0)  # submitit requeues and exits
 
-    original = MixtureSampler.indices
-
-    def indices(self, k):
-        if k == 3:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return original(self, k)
-
-    monkeypatch.setattr(MixtureSampler, "indices", indices)
-    previous = signal.signal(signal.SIGUSR2, submitit_handler)
-    try:
-        with pytest.raises(SystemExit):
-            train(tiny_cfg(sni, "train.save_every=100"), str(run))
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    with pytest.raises(SystemExit):
+        train_receiving_usr2(sni, run, 3, submitit_handler, monkeypatch)
     assert requeued == [["step-00000004"]]  # the step that was running finished and was saved first
 
 
 def test_usr2_without_submitit_stops_like_sigterm(sni, tmp_path, monkeypatch):
-    import os
-
-    from mode.data.sampling import MixtureSampler
-    from mode.train import train
-
-    original = MixtureSampler.indices
-
-    def indices(self, k):
-        if k == 2:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return original(self, k)
-
-    monkeypatch.setattr(MixtureSampler, "indices", indices)
-    previous = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
-    try:
-        with pytest.raises(TrainingInterrupted) as stopped:
-            train(tiny_cfg(sni, "train.save_every=100"), str(tmp_path / "run"))
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_receiving_usr2(sni, tmp_path / "run", 2, signal.SIG_DFL, monkeypatch)
     assert stopped.value.exit_code == 128 + signal.SIGUSR2

@@ -63,6 +63,11 @@ class SNIData:
     eval_tasks: list[str] = field(default_factory=list)  # evaluated tasks (== tasks under held_in)
     protocol: str = "held_in"
 
+    @property
+    def task_names(self) -> list[str]:
+        """Task names by task index: training tasks, then evaluation-only (held-out) ones (`TaskSets.task_index`)."""
+        return [*self.tasks, *[t for t in self.eval_tasks if t not in self.tasks]]
+
     def record(self) -> dict:
         """What data_stats.json records: the protocol, the tasks, absent ones and per-task counts."""
         return {"protocol": self.protocol, "tasks": self.tasks, "eval_tasks": self.eval_tasks,

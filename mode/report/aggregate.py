@@ -155,13 +155,18 @@ def merge_specs(specs: dict[str, dict]) -> dict[str, dict]:
     return merged
 
 
-def collect_tables(profile: str, runs_dir: str | None, records: Path | None = None) -> tuple[dict, dict, dict]:
-    """(tables, paper, specs): `collect` plus the merged specs (sweep dir, group, logger, parts) by table."""
+def profile_root(specs: dict) -> Path:
+    """The folder all of a profile's sweep dirs are in: a job's record path is its run dir relative to it."""
     import os
 
+    return Path(os.path.commonpath([str(s["sweep_dir"]) for s in specs.values()]))
+
+
+def collect_tables(profile: str, runs_dir: str | None, records: Path | None = None) -> tuple[dict, dict, dict]:
+    """(tables, paper, specs): `collect` plus the merged specs (sweep dir, group, logger, parts) by table."""
     paper = yaml.safe_load(PAPER_TABLES.read_text())
     specs = merge_specs(table_specs(profile, runs_dir))
-    root = Path(os.path.commonpath([str(s["sweep_dir"]) for s in specs.values()]))
+    root = profile_root(specs)
     tables: dict[str, list[Cell]] = {}
     for name, spec in specs.items():
         cells = []

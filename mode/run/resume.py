@@ -46,6 +46,11 @@ def config_differences(resolved: dict, saved: dict) -> list[tuple[str, object, o
 _MISSING = object()
 
 
+def also_differ(differ: list[tuple[str, object, object]]) -> str:
+    """' (also k2, k3)' for the keys after the first one a message names, or ''."""
+    return f" (also {', '.join(k for k, _, _ in differ[1:])})" if len(differ) > 1 else ""
+
+
 def check_resumable(resolved: dict, run_dir, finished: bool = False) -> None:
     """Refuse `resume=true` when this command's config differs from the run's config.yaml in a key
     that changes what is trained or evaluated: continuing it would give a run that matches neither, and
@@ -60,7 +65,7 @@ def check_resumable(resolved: dict, run_dir, finished: bool = False) -> None:
     if not differ:
         return
     key, now, then = differ[0]
-    others = f" (also {', '.join(k for k, _, _ in differ[1:])})" if len(differ) > 1 else ""
+    others = also_differ(differ)
     advice = ("that run is finished with other settings: choose another hydra.run.dir (or paths.runs_dir for "
               "a sweep), or force=true to replace it" if finished else
               "resume with the run's own settings, or start a new run")

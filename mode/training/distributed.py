@@ -7,6 +7,7 @@ micro-batches one process would (the same step, up to the order of one sum).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -96,11 +97,8 @@ def slurm_environment(env=os.environ) -> dict[str, str]:
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: 'gpu[012-015,020],cpu1' -> 'gpu012' (no scontrol needed)."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist.split("]")[0] + "]"
-    if "[" not in head:
-        return head
-    prefix, ranges = head.split("[", 1)
-    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+    prefix, ranges = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist).groups()
+    return prefix + re.split("[,-]", ranges)[0] if ranges else prefix
 
 
 def plan_on_main(accelerator, run_dir: Path, cfg, resolved: dict) -> tuple[Path, str]:

@@ -93,6 +93,9 @@ class Window:
     """Losses and wall time since the last log line."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.loss, self.steps, self.start = 0.0, 0, time.perf_counter()
 
     def add(self, loss: float) -> None:
@@ -107,4 +110,4 @@ def log_window(s: Session, step: int, window: Window) -> None:
                "train/step_time_s": elapsed / window.steps, **s.diagnostics.scalars(s.reduce)}
     s.logger.log(scalars, step=step)
     s.progress.curves["train"].append({"step": step, **{k: v for k, v in scalars.items() if k.count("/") == 1}})
-    window.__init__()
+    window.reset()
