@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, needs_shared_sni, needs_stories
 
 DRIVER = [sys.executable, str(REPO / "experiments" / "reproduce.py")]
@@ -51,15 +52,21 @@ def test_paper_profile_on_an_8_gpu_node_and_on_slurm_prints_the_commands_a_clust
 @needs_shared_sni
 def test_smoke_profile_on_two_processes_per_job_equals_one_process_and_aggregates(tmp_path):
     """GPUS=2 on CPU: each job runs on 2 gloo processes under torchrun; its adapter equals the
-    single-process run's bit for bit (the same micro-batches), and the finished sweep aggregates."""
+    single-process run's (the same micro-batches) to 1e-4 absolute, about 0.1% of the weights' scale: the two
+    micro-batch gradients are summed by an all-reduce instead of in place, which changes their last bits, and
+    AdamW's normalised update turns that into differences up to 1e-5 after 3 steps (MoDE 16x4, measured); the
+    finished sweep aggregates."""
+    from safetensors.torch import load_file
     two, one = tmp_path / "two", tmp_path / "one"
     log = run(DRIVER + ["smoke", "--gpus", "2", "--tables", "table4", "--runs-dir", str(two), "--out", str(tmp_path / "a")])
     assert "--nproc_per_node=2" in log
     run(DRIVER + ["smoke", "--tables", "table4", "--runs-dir", str(one), "--no-aggregate"])
     for job in sorted((two / "reproduce" / "smoke" / "paper").iterdir()):
-        a = (job / "seed1" / "adapter" / "adapter_model.safetensors").read_bytes()
-        b = (one / "reproduce" / "smoke" / "paper" / job.name / "seed1" / "adapter" / "adapter_model.safetensors").read_bytes()
-        assert a == b, job.name
+        a = load_file(job / "seed1" / "adapter" / "adapter_model.safetensors")
+        b = load_file(one / "reproduce" / "smoke" / "paper" / job.name / "seed1" / "adapter" / "adapter_model.safetensors")
+        assert a.keys() == b.keys(), job.name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=f"{job.name} {key}")
     assert "0 to run" in run(DRIVER + ["smoke", "--tables", "table4", "--dry-run", "--runs-dir", str(two)])
 
 
