@@ -1,8 +1,8 @@
 """`make reproduce-table PROFILE=smoke|cpu|paper [GPUS=N] [JOBS_PER_NODE=K] [SEEDS=1,2] [DRY_RUN=1]
 [LAUNCHER=joblib|slurm] [RECORDS=dir]`.
 
-Runs every job (table x adapter preset x seed) of a profile, then `mode-aggregate <profile>` writes
-results/<profile>/. Finished runs are reported and reused (a run shared by several tables trains once),
+Runs every job (table x adapter preset x seed) of a profile, as experiments/paper_tables.yaml declares them
+(mode.run.tables), then `mode-aggregate <profile>` writes results/<profile>/. Finished runs are reported and reused (a run shared by several tables trains once),
 interrupted ones continue from their last checkpoint, new ones start.
 
 With the basic launcher each job is one `mode-train experiment=<profile>/<table> adapter=<preset>
@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from mode.errors import ModeError, exit_on_user_error
 from mode.report.aggregate import profile_root, table_specs
+from mode.report.cost import cost_lines, eval_cost
 from mode.run.config import compose, to_container
 from mode.run.fileio import atomic_write_text
 from mode.run.resume import also_differ, config_differences
@@ -102,9 +103,11 @@ def describe(profile: str, job: dict, extra: list[str], gpus: int, device: str |
     tasks = len(cfg.data.tasks) if cfg.data.get("tasks") else None
     instances = (f"<= {cap * tasks:,} ({cap} per task x {tasks} tasks)" if cap and tasks else
                  f"<= {cap} per task" if cap else "every held-in instance")
+    cost = cost_lines(eval_cost(cfg, world), ev.max_new_tokens)  # instances x tokens, from the data config
     return (f"    {world} process(es) on {device or cfg.train.device}; global batch {t.batch_size} = micro {micro} x "
             f"accumulation {accum} x {world}; {t.max_steps:,} steps, <= {tokens:,} tokens to train; evaluate "
-            f"{instances}, <= {ev.max_new_tokens} new tokens each, batch {ev.batch_size}; {t.precision}")
+            f"{instances}, <= {ev.max_new_tokens} new tokens each, batch {ev.batch_size}; {t.precision}"
+            + "".join(f"\n    {line}" for line in cost))
 
 
 def check_record(record: Path, profile: str, table: str, preset: str, seed: int, overrides: list[str]) -> None:

@@ -92,3 +92,11 @@ def _quiet_env(monkeypatch):
 def _private_cache(monkeypatch, tmp_path_factory):
     """Tokenised-data caches of tests go to a per-session folder, never the user's ~/.cache/mode."""
     monkeypatch.setenv("MODE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mode-cache"))
+
+
+@pytest.fixture(scope="session")
+def stories_batch():
+    """Four stories260K training examples of three tasks (helpers.stories_batch_of_four), built once."""
+    from helpers import stories_batch_of_four
+
+    return stories_batch_of_four()

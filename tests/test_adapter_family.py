@@ -8,7 +8,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from helpers import (
+    P,
+    Q,
+    Tiny,
+    adapted,
+    cfg,
+    check_merge_round_trip,
+    check_one_task_merged,
+    check_task_id_refusals,
+    count_addmm,
+)
 
 from mode.adapters import (
     adapter_context,
@@ -18,40 +28,9 @@ from mode.adapters import (
     load_adapters,
     merge_adapters,
     save_adapters,
-    unmerge_adapters,
 )
 from mode.adapters.diagnostics import AdapterDiagnostics
 from mode.errors import ModeError
-
-P, Q = 12, 10
-
-
-class Tiny(nn.Module):
-    """Two adapted projections with different in/out sizes, so P and Q never get swapped unnoticed."""
-
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(P, Q, bias=True)
-        self.o_proj = nn.Linear(Q, P, bias=False)
-
-    def forward(self, x):
-        return self.o_proj(torch.tanh(self.q_proj(x)))
-
-
-def cfg(method, **kw):
-    base = {"method": method, "rank": 4, "alpha": 8, "target_modules": ["q_proj", "o_proj"]}
-    base.update({"lora": {}, "more": {"num_tasks": 3}}.get(method, {"experts": 3}))
-    return {**base, **kw}
-
-
-def adapted(method, seed=0, **kw):
-    """A Tiny model with random (non-zero) adapter tensors, so every term of every formula matters."""
-    torch.manual_seed(seed)
-    model = apply_adapters(Tiny(), cfg(method, **kw))
-    with torch.no_grad():
-        for t in adapter_state_dict(model).values():
-            t.normal_(std=0.5)
-    return model
 
 
 def more_rank(selector, task: int) -> int:
@@ -237,24 +216,10 @@ def test_parameter_count_equals_the_papers_formula(method, kw):
 def test_more_merges_one_task_at_a_time():
     model = adapted("more")
     x = torch.randn(2, 4, P)
-    for task in range(3):
-        ids = torch.tensor([task, task])
-        with adapter_context(model, task_ids=ids):
-            before = model(x)
-            merge_adapters(model, task=task)
-            after = model(x)
-            unmerge_adapters(model)
-            again = model(x)
-        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(again, before, rtol=1e-5, atol=1e-5)
+    check_merge_round_trip(model, x)
     with pytest.raises(ModeError, match="one task at a time"):
         merge_adapters(model)
-    merge_adapters(model, task=1)
-    with pytest.raises(ModeError, match="task 1 is merged"):
-        with adapter_context(model, task_ids=torch.tensor([1, 2])):
-            model(x)
-    with pytest.raises(ModeError, match="task 1 is merged already"):
-        merge_adapters(model, task=2)
+    check_one_task_merged(model, x)
 
 
 @pytest.mark.parametrize("method", ["molora", "molora_sd", "mode"])
@@ -319,12 +284,7 @@ def test_more_needs_valid_task_ids():
     x = torch.randn(2, 3, P)
     with pytest.raises(ModeError, match="adapter_context"):
         model(x)
-    with pytest.raises(ModeError, match="task id 3 is out of range: the adapter knows 3 tasks"):
-        with adapter_context(model, task_ids=torch.tensor([0, 3])):
-            model(x)
-    with pytest.raises(ModeError, match="2 task ids for a batch of 3"):
-        with adapter_context(model, task_ids=torch.tensor([0, 1])):
-            model(torch.randn(3, 3, P))
+    check_task_id_refusals(model)
     with pytest.raises(ModeError, match="data has 4 tasks"):
         apply_adapters(Tiny(), cfg("more"), num_tasks=4)
 
@@ -365,14 +325,7 @@ def test_bf16_keeps_the_fused_addmm_and_stays_within_bf16_tolerance_of_fp32(meth
     if setting == "bf16_base":
         model.q_proj.base_layer.to(torch.bfloat16)
         model.o_proj.base_layer.to(torch.bfloat16)
-    calls = []
-    real_addmm = torch.addmm
-
-    def counting_addmm(out, z, up, **kwargs):
-        calls.append((out.dtype, z.dtype))
-        return real_addmm(out, z, up, **kwargs)
-
-    monkeypatch.setattr(torch, "addmm", counting_addmm)
+    calls = count_addmm(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setting == "autocast"), adapter_context(model, task_ids=ids):
         out = model(x.to(torch.bfloat16) if setting == "bf16_base" else x)
     assert calls == [(torch.bfloat16, torch.bfloat16)] * 2  # one fused GEMM per adapted layer, all in bf16

@@ -8,68 +8,20 @@ import json
 
 import pytest
 import torch
-from conftest import STORIES, needs_stories
+from conftest import needs_stories
+from helpers import STORIES_METHODS, answer_loss, fit, stories_with
 from test_train_eval import check_run_dir, cli
 
 from mode.adapters import apply_adapters, count_adapter_parameters
 from mode.adapters.runtime import runtime_of
-from mode.data.collate import collate_train
 from mode.training.losses import AnswerLoss
-
-METHODS = {"lora": {"rank": 8, "alpha": 16}, "molora": {"experts": 4}, "molora_sd": {"experts": 4},
-           "mode": {"experts": 4, "block_rank": 2}, "more": {"rank": 8, "alpha": 16}}
-
-
-@pytest.fixture(scope="module")
-def stories_batch():
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    pairs = [("Answer yes or no. Input: Is the sky blue? Output:", " yes"),
-             ("Repeat the word. Input: apple Output:", " apple apple"),
-             ("Count the words. Input: one two three Output:", " three"),
-             ("Answer yes or no. Input: Is fire cold? Output:", " no")]
-    examples = []
-    for i, (prompt, answer) in enumerate(pairs):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        examples.append({"input_ids": p + a, "prompt_length": len(p), "task_index": i % 3})
-    return collate_train(examples, pad_id=0)
-
-
-def stories_with(method: str, **kw):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(STORIES)
-    return apply_adapters(model, {"method": method, "rank": 4, "alpha": 8, "init_A": "normal", **METHODS[method],
-                                  **kw}, num_tasks=3)
-
-
-def answer_loss(loss_module, batch) -> torch.Tensor:
-    n = (batch["labels"][:, 1:] != -100).sum()
-    return loss_module(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["task_ids"]) / n
 
 
 @needs_stories
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(STORIES_METHODS))
 def test_a_few_steps_lower_the_loss(stories_batch, method):
     model = stories_with(method)
-    loss_module = AnswerLoss(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-
-    def generation_loss():  # eval mode: no dropout, no contrastive term
-        with torch.no_grad():
-            return answer_loss(loss_module.eval(), stories_batch).item()
-
-    before = generation_loss()
-    loss_module.train()
-    for _ in range(12):
-        loss = answer_loss(loss_module, stories_batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = generation_loss()
+    before, after, _ = fit(model, stories_batch)
     assert after < 0.5 * before, (before, after)
     if method == "more":  # the objective carries the contrastive term
         assert runtime_of(model).aux_history["contrastive"]

@@ -36,7 +36,7 @@ def test_aggregate_of_a_profile_without_runs_is_refused_and_leaves_no_out_folder
 def test_aggregate_of_an_unknown_profile_is_refused_and_writes_nothing(tmp_path):
     proc = run("mode.report.aggregate", "no_such_profile", "--runs-dir", str(tmp_path / "runs"),
                "--out", str(tmp_path / "out"))
-    assert_one_line_refusal(proc, "profile 'no_such_profile' has no table experiments")
+    assert_one_line_refusal(proc, "profile 'no_such_profile' has no tables in paper_tables.yaml")
     assert not any(tmp_path.iterdir())
 
 

@@ -11,7 +11,20 @@ import math
 import pytest
 import torch
 from conftest import STORIES, needs_stories
-from test_adapter_family import P, Q, Tiny, adapted, cfg
+from helpers import (
+    P,
+    Q,
+    Tiny,
+    adapted,
+    answer_loss,
+    cfg,
+    check_merge_round_trip,
+    check_one_task_merged,
+    check_task_id_refusals,
+    count_addmm,
+    fit,
+    stories_with,
+)
 
 from mode.adapters import (
     adapter_context,
@@ -21,7 +34,6 @@ from mode.adapters import (
     load_adapters,
     merge_adapters,
     save_adapters,
-    unmerge_adapters,
 )
 from mode.adapters.base import router_losses
 from mode.adapters.diagnostics import AdapterDiagnostics
@@ -270,28 +282,13 @@ def test_task_routed_mixture_merges_per_task_and_reproduces_outputs(method, kw, 
     m, r = layer.experts, layer.rank
     assert up.shape == (Q, m * r if method == "molora" else r) and down.shape[0] == up.shape[1]
     x = torch.randn(2, 4, P)
-    for task in range(3):
-        ids = torch.tensor([task, task])
-        with adapter_context(model, task_ids=ids):
-            before = model(x)
-            merge_adapters(model, task=task)
-            assert layer.merged
-            after = model(x)
-            unmerge_adapters(model)
-            again = model(x)
-        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(again, before, rtol=1e-5, atol=1e-5)
+    check_merge_round_trip(model, x)
     with pytest.raises(ModeError, match="router_input='task' holds one adapter per task"):
         merge_adapters(model)
     with pytest.raises(ModeError, match=r"task=3 is not a task index of this adapter \(0..2\)"):
         merge_adapters(model, task=3)
     assert not layer.merged
-    merge_adapters(model, task=1)
-    with pytest.raises(ModeError, match="the adapter of task 1 is merged, but the batch has other tasks"):
-        with adapter_context(model, task_ids=torch.tensor([1, 2])):
-            model(x)
-    with pytest.raises(ModeError, match="task 1 is merged already"):
-        merge_adapters(model, task=2)
+    check_one_task_merged(model, x)
 
 
 def test_task_routing_adds_one_embedding_per_task_and_layer():
@@ -357,14 +354,7 @@ def test_routing_options_keep_the_one_bf16_addmm(kw, monkeypatch):
     ids = torch.tensor([0, 2])
     with adapter_context(model, task_ids=ids):
         reference = model(x)
-    calls = []
-    real_addmm = torch.addmm
-
-    def counting_addmm(out, z, up, **kwargs):
-        calls.append((out.dtype, z.dtype))
-        return real_addmm(out, z, up, **kwargs)
-
-    monkeypatch.setattr(torch, "addmm", counting_addmm)
+    calls = count_addmm(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16), adapter_context(model, task_ids=ids):
         out = model(x)
     assert calls == [(torch.bfloat16, torch.bfloat16)] * 2
@@ -400,12 +390,7 @@ def test_task_routing_needs_valid_task_ids():
     x = torch.randn(2, 3, P)
     with pytest.raises(ModeError, match="adapter.router_input='task' routes by task id"):
         model(x)
-    with pytest.raises(ModeError, match="task id 3 is out of range: the adapter knows 3 tasks"):
-        with adapter_context(model, task_ids=torch.tensor([0, 3])):
-            model(x)
-    with pytest.raises(ModeError, match="2 task ids for a batch of 3"):
-        with adapter_context(model, task_ids=torch.tensor([0, 1])):
-            model(torch.randn(3, 3, P))
+    check_task_id_refusals(model)
 
 
 def test_token_routed_mixtures_with_routing_options_still_refuse_to_merge():
@@ -421,65 +406,20 @@ OPTIONS = {"top_k": {"top_k": 2}, "router_temperature": {"router_temperature": 0
            "router_input": {"router_input": "task"}, "mode_14x4_top2": {"experts": 14, "top_k": 2}}
 
 
-@pytest.fixture(scope="module")
-def stories_batch():
-    from transformers import AutoTokenizer
-
-    from mode.data.collate import collate_train
-
-    tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    pairs = [("Answer yes or no. Input: Is the sky blue? Output:", " yes"),
-             ("Repeat the word. Input: apple Output:", " apple apple"),
-             ("Count the words. Input: one two three Output:", " three"),
-             ("Answer yes or no. Input: Is fire cold? Output:", " no")]
-    examples = []
-    for i, (prompt, answer) in enumerate(pairs):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        examples.append({"input_ids": p + a, "prompt_length": len(p), "task_index": i % 3})
-    return collate_train(examples, pad_id=0)
-
-
 @needs_stories
 @pytest.mark.parametrize("method,option", [("mode", option) for option in OPTIONS]
                          + [("molora", "top_k"), ("molora_sd", "router_input")])
 def test_a_few_steps_lower_the_loss_with_each_option(stories_batch, method, option):
-    from transformers import AutoModelForCausalLM
-
-    from mode.training.losses import AnswerLoss
-
-    torch.manual_seed(0)
-    shape = {"experts": 4, "block_rank": 2} if method == "mode" else {"experts": 4}
-    model = apply_adapters(AutoModelForCausalLM.from_pretrained(STORIES),
-                           {"method": method, "rank": 4, "alpha": 8, "init_A": "normal", **shape, **OPTIONS[option]},
-                           num_tasks=3)
-    loss_module = AnswerLoss(model)
-    batch = stories_batch
-    n = (batch["labels"][:, 1:] != -100).sum()
-
-    def loss_of(module):
-        return module(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["task_ids"]) / n
-
-    def generation_loss():
-        with torch.no_grad():
-            return loss_of(loss_module.eval()).item()
-
-    before = generation_loss()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss_module.train()
-    for _ in range(12):
-        loss = loss_of(loss_module)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = generation_loss()
+    model = stories_with(method, **OPTIONS[option])
+    before, after, loss_module = fit(model, stories_batch)
     assert after < 0.5 * before, (before, after)
     history = runtime_of(model).aux_history
     weights = {"balance": OPTIONS[option].get("balance_loss_weight", 0), "z": OPTIONS[option].get("z_loss_weight", 0)}
     assert set(history) == {name for name, w in weights.items() if w}
     if history:  # the objective is L + w * aux: the caller's division by answer tokens leaves exactly that
-        train_objective = loss_of(loss_module.train()).item()  # with gradients: aux losses are recorded
-        generation = generation_loss()
+        train_objective = answer_loss(loss_module.train(), stories_batch).item()  # aux losses are recorded
+        with torch.no_grad():
+            generation = answer_loss(loss_module.eval(), stories_batch).item()
         aux = sum(weights[name] * values[-1] for name, values in history.items())
         assert train_objective == pytest.approx(generation + aux, rel=1e-5)
 

@@ -3,10 +3,11 @@ with the analysis a careful reader asks for.
 
 Reads only run directories or their committed light records (config.yaml, metrics.json, predictions.jsonl,
 routing.json, curves.json), so it works on runs copied back from a cluster (`--runs-dir`). Which runs make a
-table comes from the profile's experiment files (conf/experiment/<profile>/table*.yaml): their sweep dir,
-adapter presets and seeds; run `<preset>/seed<k>` of a sweep dir is one cell. Experiment files with the
-same sweep dir and the same logger group are one table (e.g. cpu/table6_seeds adds seeds to cpu/table6's
-cells). Paper numbers come from experiments/paper_tables.yaml, matched by adapter shape.
+table, and the paper's numbers beside them, come from the tables' one declaration, experiments/paper_tables.yaml
+(mode.run.tables): per profile, each experiment file's presets and seeds; its sweep dir and W&B group come
+from composing that experiment (conf/experiment/<profile>/<name>.yaml). Run `<preset>/seed<k>` of a sweep
+dir is one cell; an experiment that `adds_seeds_to` another pools its runs into that one's table (cpu/table6_seeds
+-> cpu/table6). A cell takes its table's paper row for its preset, else Table 2's.
 
 Writes results/<profile>/, for each table <T>:
 - <T>.md/.csv/.tex: mean ROUGE-L over seeds with its 95% t interval, beside the paper's; <T>.png (with
@@ -41,8 +42,7 @@ from mode.report import analysis as an
 from mode.report.compare import Run, load_run
 from mode.run.config import CONF_DIR, REPO_DIR
 from mode.run.fileio import atomic_write_text
-
-PAPER_TABLES = REPO_DIR / "experiments" / "paper_tables.yaml"
+from mode.run.tables import PAPER_TABLES, declarations, profile_experiments, table_presets
 
 
 @dataclass
@@ -75,25 +75,34 @@ def shape_label(shape: tuple) -> str:
 
 
 def table_specs(profile: str, runs_dir: str | None) -> dict[str, dict]:
-    """table name -> {sweep_dir, presets, seeds, group, logger} from conf/experiment/<profile>/*.yaml (all but
-    base.yaml); `logger` is {name, project, mode} of the experiment's logger config."""
+    """experiment name -> {sweep_dir, presets, seeds, table, adds_seeds_to, group, logger}: the profile's
+    experiments as declared in experiments/paper_tables.yaml (presets, seeds, the paper table they report
+    under), each composed for what its file sets (sweep dir; `logger` is {name, project, mode} of its logger
+    config). Every conf/experiment/<profile>/*.yaml but base.yaml must be declared, and only those."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    files = sorted(p for p in (CONF_DIR / "experiment" / profile).glob("*.yaml") if p.stem != "base")
-    if not files:
-        raise ModeError(f"profile {profile!r} has no table experiments (conf/experiment/{profile}/*.yaml)")
+    declared = profile_experiments(profile)
+    files = {p.stem for p in (CONF_DIR / "experiment" / profile).glob("*.yaml") if p.stem != "base"}
+    missing, undeclared = sorted(set(declared) - files), sorted(files - set(declared))
+    if missing:
+        raise ModeError(f"{PAPER_TABLES.name} declares runs of {profile}/{missing[0]}, but "
+                        f"conf/experiment/{profile}/{missing[0]}.yaml does not exist")
+    if undeclared:
+        raise ModeError(f"conf/experiment/{profile}/{undeclared[0]}.yaml has no runs entry in {PAPER_TABLES.name} "
+                        f"(add it under the table it reports: runs.{profile}.{undeclared[0]})")
     specs = {}
-    for path in files:
-        overrides = [f"experiment={profile}/{path.stem}"] + ([f"paths.runs_dir={runs_dir}"] if runs_dir else [])
+    for name, run in declared.items():
+        overrides = [f"experiment={profile}/{name}"] + ([f"paths.runs_dir={runs_dir}"] if runs_dir else [])
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        params = cfg.hydra.sweeper.params
-        specs[path.stem] = {
+        specs[name] = {
             "sweep_dir": Path(str(cfg.hydra.sweep.dir)),
-            "presets": [p.strip() for p in str(params.adapter).split(",")],
-            "seeds": [int(s) for s in str(params.seed).split(",")],
+            "presets": run["presets"],
+            "seeds": run["seeds"],
+            "table": run["table"],
+            "adds_seeds_to": run.get("adds_seeds_to"),
             "group": cfg.logger.get("group"),
             "logger": {"name": cfg.logger.get("name"), "project": cfg.logger.get("project"),
                        "mode": cfg.logger.get("mode")},
@@ -110,20 +119,20 @@ def preset_shape(preset: str) -> tuple:
     return (a.method, int(a.experts), int(a.rank), int(a.block_rank))
 
 
-def paper_row(paper: dict, table: str, shape: tuple) -> dict | None:
-    for row in paper.get(table, {}).get("rows", []):
-        if (row["method"], row["experts"], row["rank"], row["block_rank"]) == shape:
+def paper_row(paper: dict, table: str, preset: str) -> dict | None:
+    for row in (paper.get(table) or {}).get("rows", []):
+        if row["preset"] == preset:
             return row
     return None
 
 
-def paper_label(paper: dict, shape: tuple) -> str:
-    """The paper's name for an adapter shape (any of its tables), else ours: one name across tables."""
+def paper_label(paper: dict, preset: str) -> str:
+    """The paper's name for a preset (its first row in any table), else ours: one name across tables."""
     for table in paper.values():
         for row in table.get("rows", []) if isinstance(table, dict) else []:
-            if (row["method"], row["experts"], row["rank"], row["block_rank"]) == shape:
+            if row["preset"] == preset:
                 return row["label"]
-    return shape_label(shape)
+    return shape_label(preset_shape(preset))
 
 
 def default_records(profile: str) -> Path | None:
@@ -133,19 +142,22 @@ def default_records(profile: str) -> Path | None:
 
 
 def merge_specs(specs: dict[str, dict]) -> dict[str, dict]:
-    """Experiment files with the same sweep dir and the same (set) logger group are one table, named by the
-    first: their runs are more seeds of the same cells (cpu/table6_seeds -> cpu/table6). Each merged spec
-    has `preset_seeds` {preset: seeds} (a preset's seeds over the merged files, in order) and `parts`."""
+    """One results table per experiment, except those that `adds_seeds_to` another: their runs are more
+    seeds of its cells, in its table (cpu/table6_seeds -> cpu/table6). Each merged spec has `preset_seeds`
+    {preset: seeds} (a preset's seeds over the merged experiments, in order) and `parts`."""
     merged: dict[str, dict] = {}
-    owner: dict[tuple, str] = {}
     for name, spec in specs.items():
-        key = (str(spec["sweep_dir"]), spec.get("group"))
-        target = owner.get(key) if spec.get("group") else None
-        if target is None:
-            owner[key] = name
+        if not spec.get("adds_seeds_to"):
             merged[name] = {**spec, "preset_seeds": {}, "parts": []}
-            target = name
+    for name, spec in sorted(specs.items(), key=lambda item: bool(item[1].get("adds_seeds_to"))):
+        target = spec.get("adds_seeds_to") or name
+        if target not in merged:
+            raise ModeError(f"{PAPER_TABLES.name}: {spec.get('table')}.runs.*.{name}.adds_seeds_to={target!r} is not "
+                            "an experiment of the same profile")
         m = merged[target]
+        if spec["sweep_dir"] != m["sweep_dir"]:
+            raise ModeError(f"experiment {name} adds seeds to {target}, but its sweep dir {spec['sweep_dir']} is not "
+                            f"{target}'s ({m['sweep_dir']}): set the same hydra.sweep.dir")
         m["parts"].append(name)
         for preset in spec["presets"]:
             seeds = m["preset_seeds"].setdefault(preset, [])
@@ -164,7 +176,7 @@ def profile_root(specs: dict) -> Path:
 
 def collect_tables(profile: str, runs_dir: str | None, records: Path | None = None) -> tuple[dict, dict, dict]:
     """(tables, paper, specs): `collect` plus the merged specs (sweep dir, group, logger, parts) by table."""
-    paper = yaml.safe_load(PAPER_TABLES.read_text())
+    paper = declarations()
     specs = merge_specs(table_specs(profile, runs_dir))
     root = profile_root(specs)
     tables: dict[str, list[Cell]] = {}
@@ -172,9 +184,9 @@ def collect_tables(profile: str, runs_dir: str | None, records: Path | None = No
         cells = []
         for preset in spec["presets"]:
             shape = preset_shape(preset)
-            row = paper_row(paper, name, shape) or paper_row(paper, "table2", shape)
+            row = paper_row(paper, spec["table"], preset) or paper_row(paper, "table2", preset)
             seeds = spec["preset_seeds"][preset]
-            cell = Cell(preset, shape, seeds, row["label"] if row else paper_label(paper, shape), row)
+            cell = Cell(preset, shape, seeds, row["label"] if row else paper_label(paper, preset), row)
             for seed in seeds:
                 run = spec["sweep_dir"] / preset / f"seed{seed}"
                 if not (run / "metrics.json").is_file() and records is not None:
@@ -224,8 +236,22 @@ def table_rows(cells: list[Cell]) -> list[dict]:
             "trainable_params": trainable,
             "params_pct": 100.0 * trainable / base if trainable and base else None,
             "paper_params_pct": (c.paper or {}).get("params"),
+            "params_split": _params_split(c),
         })
     return rows
+
+
+def _params_split(c: Cell) -> str | None:
+    """MoRE rows: where the trainable parameters go (its per-projection task tables can dominate), from the
+    first seed's run rebuilt on the meta device (mode.report.params); None for other methods."""
+    if c.shape[0] != "more" or not c.runs:
+        return None
+    from mode.report.params import run_parameter_split, split_text
+
+    found = run_parameter_split(c.runs[min(c.runs)])
+    if found is None:
+        return "split not computed (the base model's architecture is not readable here)"
+    return split_text(found["split"], found["method"], found["task_embedding"])
 
 
 # Rows written before the seed intervals (no `rougeL_ci95` key) render as they were then.
@@ -281,7 +307,15 @@ def to_markdown(rows: list[dict], title: str) -> str:
     lines += ["| " + " | ".join(_cell_text(k, _row_value(k, r)) for k, _ in columns) + " |" for r in rows]
     if _has_ci(rows):
         lines += ["", CI_NOTE]
+    if _split_note(rows):
+        lines += ["", _split_note(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _split_note(rows: list[dict]) -> str:
+    """MoRE's total is not one budget like the others': what it is made of ('' without MoRE rows)."""
+    splits = [f"{r['row']}: {r['params_split']}" for r in rows if r.get("params_split")]
+    return ("Trainable parameters of " + "; ".join(splits) + ".") if splits else ""
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -305,7 +339,8 @@ def to_latex(rows: list[dict], title: str) -> str:
              r"\begin{tabular}{l" + "r" * (len(columns) - 1) + "}", r"\toprule",
              " & ".join(_tex_escape(h) for _, h in columns) + r" \\", r"\midrule"]
     lines += [" & ".join(_tex_escape(_cell_text(k, _row_value(k, r))) for k, _ in columns) + r" \\" for r in rows]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(title) + "}", r"\end{table}"]
+    caption = title + (f". {_split_note(rows)}" if _split_note(rows) else "")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _tex_escape(caption) + "}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
@@ -361,8 +396,9 @@ def win_block(runs: dict[str, dict[int, Path]], methods: list[str], paper_rates:
 
 def win_rate_matrix(tables: dict[str, list[Cell]], paper: dict, cache: dict | None = None) -> dict | None:
     """Row-beats-column task win rates of the paper's Table 3 methods over all tables' runs, with Wilson
-    intervals and sign-test p-values."""
-    headline = paper.get("table3", {}).get("methods", [])
+    intervals and sign-test p-values. The methods are Table 3's `methods` labels, else its presets' labels."""
+    table3 = paper.get("table3", {})
+    headline = table3.get("methods") or [paper_label(paper, p) for p in table_presets(table3)]
     runs_by_label: dict[str, dict[int, Path]] = {}
     for cell in itertools.chain.from_iterable(tables.values()):
         if cell.label in headline:

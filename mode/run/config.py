@@ -18,6 +18,16 @@ def _register_resolvers() -> None:
     # `${mode.beside_repo:shared}`: a folder next to the checkout, as a clean path (no `main/../shared`).
     if not OmegaConf.has_resolver("mode.beside_repo"):
         OmegaConf.register_new_resolver("mode.beside_repo", lambda name: str(REPO_DIR.parent / name))
+    # `${mode.table:cpu/table6,presets}`: a table experiment's presets, seeds or other declared keys, from the
+    # one declaration of the paper's tables (experiments/paper_tables.yaml, read by mode.run.tables).
+    if not OmegaConf.has_resolver("mode.table"):
+        OmegaConf.register_new_resolver("mode.table", _table_value)
+
+
+def _table_value(experiment: str, key: str):
+    from mode.run.tables import sweep_value
+
+    return sweep_value(experiment, key)
 
 
 _register_resolvers()
