@@ -25,6 +25,7 @@ class AdapterConfig:
     num_tasks: int | None = None       # MoRE: tasks the selector knows (mode-train sets it from the data)
     contrastive_weight: float = 0.1    # MoRE: L = L_gen + contrastive_weight * L_con (paper: 0.1)
     contrastive_temperature: float = 0.05  # MoRE: temperature of the contrastive loss (paper: 0.05)
+    task_embedding: str = "per_module"  # MoRE: per_module ([T, P] per projection, released code) | shared (one table)
     # Routing options of the mixtures (molora, molora_sd, mode); LoRA and MoRE refuse non-defaults
     top_k: int | None = None           # keep each router's k largest logits, softmax over them (null: dense)
     router_temperature: float = 1.0    # gates = softmax(logits / router_temperature)
@@ -83,6 +84,11 @@ class AdapterConfig:
         for key in ("balance_loss_weight", "z_loss_weight"):
             if not (_is_number(getattr(self, key)) and getattr(self, key) >= 0):
                 raise ModeError(f"adapter.{key}={getattr(self, key)!r} must be a number >= 0")
+        if self.task_embedding not in ("per_module", "shared"):
+            raise ModeError(f"adapter.task_embedding={self.task_embedding!r} is not one of ['per_module', 'shared']")
+        if self.task_embedding != "per_module" and self.method != "more":
+            raise ModeError(f"adapter.task_embedding={self.task_embedding!r} is a MoRE option (adapter.method='more'), "
+                            f"not one of adapter.method={self.method!r}; leave it at 'per_module'")
         if self.router_input not in ("token", "task"):
             raise ModeError(f"adapter.router_input={self.router_input!r} is not one of ['token', 'task']")
         METHODS[self.method].check_config(self)

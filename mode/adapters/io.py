@@ -44,12 +44,15 @@ PEFT_PREFIX = "base_model.model."
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`<module path>.<tensor>` -> tensor for every adapter tensor (SPEC.md's names and shapes)."""
+    """`<module path>.<tensor>` -> tensor for every adapter tensor (SPEC.md's names and shapes). A tensor
+    every layer holds by reference (a layer's `shared_names`: MoRE's adapter.task_embedding=shared) is one
+    entry, named without a module path (`selector.task_embedding`): saved once, loaded once."""
     state = {}
     for path, layer in adapter_layers(model):
+        shared = getattr(layer, "shared_names", ())
         for name, tensor in layer.state_dict().items():
             if not name.startswith("base_layer."):
-                state[f"{path}.{name}"] = tensor
+                state.setdefault(name if name in shared else f"{path}.{name}", tensor)
     return state
 
 
@@ -103,7 +106,7 @@ def read_adapter_config(directory) -> AdapterConfig:
 
 # Saved fields that change the function an adapter computes (init and training-only keys do not).
 FUNCTION_FIELDS = ("method", "rank", "experts", "block_rank", "alpha", "target_modules", "top_k", "router_temperature",
-                   "router_input")
+                   "router_input", "task_embedding")
 
 
 def load_adapters(model: nn.Module, directory) -> nn.Module:
@@ -127,6 +130,9 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
     if saved.method != current.method:
         raise ModeError(f"{directory}: adapter method is {saved.method!r} but the model has {current.method!r}"
                         + (f" ({problem})" if problem else ""))
+    if saved.task_embedding != current.task_embedding:  # before the tensor names, which it changes
+        raise ModeError(f"{config_path}: adapter.task_embedding={saved.task_embedding!r}, but the model's adapters "
+                        f"have adapter.task_embedding={current.task_embedding!r}")
     if problem:
         raise ModeError(f"{weights}: {problem}")
     for key in FUNCTION_FIELDS:
@@ -245,7 +251,7 @@ def peft_lora(model: nn.Module, task: int | None = None,
     rank_pattern = {path: k for path, k in ranks.items() if k != r}
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_2_SEQ_LM" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "revision": None,
         "r": r,

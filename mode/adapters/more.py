@@ -1,7 +1,9 @@
 """MoRE (Zhang et al. 2025): one LoRA of maximum rank R whose first k ranks form "expert k"; every task
 picks its k with a learned selector, so each task's adapter is a plain LoRA B[:, :k_t] A[:k_t].
 
-    p_t = softmax(W e_t + b) over k = 1..R     (e_t: task t's embedding in this layer's input space)
+    p_t = softmax(W e_t + b) over k = 1..R     (e_t: task t's embedding, in this layer's input space with
+                                                adapter.task_embedding=per_module; shared: one table for
+                                                the model, in its first adapted layer's input space)
     k_t = argmax p_t, trained straight-through
     y   = W0 x + s * B[:, :k_t] A[:k_t] x        for every token of a sequence of task t
 
@@ -32,25 +34,34 @@ from mode.adapters.base import ADAPTER_DTYPE, AdapterLayer
 from mode.adapters.registry import register
 from mode.errors import ModeError
 
+SHARED_TABLE = "more.task_embedding"         # its key in AdapterRuntime.shared
+
 
 class TaskRankSelector(nn.Module):
-    """Task embeddings [T, P] and a linear selector (weight [R, P], bias [R]) over ranks k = 1..R."""
+    """Task embeddings [T, E] and a linear selector (weight [R, E], bias [R]) over ranks k = 1..R.
 
-    def __init__(self, num_tasks: int, in_features: int, max_rank: int, device, init_std: float):
+    per_module (`table` None): the selector's own table, E = P. shared: `table` is the model's one table,
+    the same nn.Parameter in every selector (E its width), so it is stored and trained once."""
+
+    def __init__(self, num_tasks: int, in_features: int, max_rank: int, device, init_std: float,
+                 table: nn.Parameter | None = None):
         super().__init__()
         def make(*shape):
             return nn.Parameter(torch.zeros(*shape, dtype=ADAPTER_DTYPE, device=device))
-        self.task_embedding = make(num_tasks, in_features)
-        self.weight = make(max_rank, in_features)
+        own = table is None
+        self.task_embedding = make(num_tasks, in_features) if own else table
+        self.weight = make(max_rank, self.task_embedding.shape[1])
         self.bias = make(max_rank)
         if device != torch.device("meta"):
-            nn.init.normal_(self.task_embedding, std=init_std)
+            if own:  # per_module draws in the order it always did: existing runs keep their init
+                nn.init.normal_(self.task_embedding, std=init_std)
             nn.init.normal_(self.weight, std=init_std)
 
     def probabilities(self) -> torch.Tensor:
         """[T, R] selector probabilities, float32 with autocast off."""
+        table = self.task_embedding.to(self.weight.device)  # a shared table may sit on another device
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
-            return F.linear(self.task_embedding, self.weight, self.bias).softmax(dim=-1)
+            return F.linear(table, self.weight, self.bias).softmax(dim=-1)
 
     def rank_masks(self) -> torch.Tensor:
         """[T, R] masks: exactly 1 on the first k_t slots and 0 after; straight-through gradients."""
@@ -87,10 +98,28 @@ class MoRELinear(AdapterLayer):
         self.lora_A = self.new_parameter(R, P)                  # [R, P]
         self.lora_B = self.new_parameter(Q, R, zeros=True)      # [Q, R]
         self.init_down_projection(self.lora_A, cfg)
-        self.selector = TaskRankSelector(cfg.num_tasks, P, R, self.lora_A.device, cfg.router_init_std)
-        self.contrastive_weight = cfg.contrastive_weight
+        table = self.shared_table(cfg) if cfg.task_embedding == "shared" else None
+        self.selector = TaskRankSelector(cfg.num_tasks, P, R, self.lora_A.device, cfg.router_init_std, table)
+        # tensors every layer holds by reference: adapter_state_dict stores them once, without a module path
+        self.shared_names = ("selector.task_embedding",) if table is not None else ()
+        self.task_embedding_mode = cfg.task_embedding
+        # shared: only layers whose input has the table's width can compare it with their input
+        self.contrastive_weight = cfg.contrastive_weight if self.selector.task_embedding.shape[1] == P else 0.0
         self.temperature = cfg.contrastive_temperature
-        self._merged_task: int | None = None
+
+    def shared_table(self, cfg) -> nn.Parameter:
+        """adapter.task_embedding=shared: the model's one [T, E] table, made by its first MoRE layer (E = that
+        layer's input width, the residual stream for the usual q_proj first) and kept in the runtime every
+        layer of the model receives, so later layers take the same nn.Parameter."""
+        table = self.runtime.shared.get(SHARED_TABLE)
+        if table is None:
+            table = self.new_parameter(cfg.num_tasks, self.in_features)
+            self.init_normal(table, cfg.router_init_std)
+            self.runtime.shared[SHARED_TABLE] = table
+        elif table.shape[0] != cfg.num_tasks:
+            raise ModeError(f"adapter.num_tasks={cfg.num_tasks}, but the model's shared task embedding has "
+                            f"{table.shape[0]} tasks")
+        return table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -111,7 +140,7 @@ class MoRELinear(AdapterLayer):
         ids = self.runtime.require_task_ids(x.shape[0])
         with torch.autocast(device_type=x.device.type, enabled=False):
             seq = x.to(ADAPTER_DTYPE).reshape(x.shape[0], -1, x.shape[-1])       # [B, S, P]
-            weights = self.runtime.token_weights(seq.shape[0] * seq.shape[1])
+            weights = self.token_weights(seq.shape[0] * seq.shape[1])
             if weights is None:
                 pooled = seq.mean(dim=1)
             else:
@@ -132,26 +161,6 @@ class MoRELinear(AdapterLayer):
         k = int(self.selector.ranks()[task])
         return self.lora_B[:, :k] @ self.lora_A[:k]
 
-    def merge(self, task: int | None = None) -> None:
-        if self.merged:
-            if task != self._merged_task:
-                raise ModeError(f"task {self._merged_task} is merged already; call unmerge_adapters first")
-            return
-        super().merge(task)
-        self._merged_task = task
-
-    def unmerge(self) -> None:
-        super().unmerge()
-        self._merged_task = None
-
-    def merged_task(self) -> int | None:
-        return self._merged_task
-
-    def _check_merged_task(self) -> None:
-        ids = self.runtime.task_ids
-        if ids is not None and bool((ids != self._merged_task).any()):
-            raise ModeError(f"the MoRE adapter of task {self._merged_task} is merged, but the batch has "
-                            "other tasks; unmerge_adapters first")
-
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, tasks={self.selector.task_embedding.shape[0]}"
+        return (f"{super().extra_repr()}, tasks={self.selector.task_embedding.shape[0]}, "
+                f"task_embedding={self.task_embedding_mode}")

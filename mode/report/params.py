@@ -9,6 +9,7 @@ module and as a percentage of the base model's non-embedding parameters (the MoD
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,10 +29,9 @@ def architecture(model_cfg):
     from transformers import AutoConfig
 
     if model_cfg.get("random_init"):
-        from mode.models import byte_tokenizer
+        from mode.models.loading import random_init_config
 
-        spec = {k: v for k, v in dict(model_cfg.random_init).items() if k != "seed"}
-        return AutoConfig.for_model(vocab_size=len(byte_tokenizer()), **spec), "model.random_init"
+        return random_init_config(model_cfg), "model.random_init"
     path = str(model_cfg.get("name_or_path") or "")
     if path and (Path(path).expanduser() / "config.json").is_file():
         return AutoConfig.from_pretrained(str(Path(path).expanduser())), path
@@ -51,11 +51,11 @@ def architecture(model_cfg):
 
 def meta_model(model_cfg):
     """The base model with every tensor on the meta device: shapes only, no memory, no download."""
-    from transformers import AutoModelForCausalLM
+    from mode.models import model_class
 
     config, source = architecture(model_cfg)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)  # causal or encoder-decoder (T5), as the config says
     return model, source
 
 
@@ -73,15 +73,72 @@ def parameter_table(cfg) -> dict:
         num_tasks = len(training_tasks(cfg.data))
     apply_adapters(model, cfg.adapter, num_tasks=num_tasks)
     rows: dict[tuple, dict] = {}
+    shared: dict[str, torch.Tensor] = {}
     for path, layer in adapter_layers(model):
         key = (path.rsplit(".", 1)[-1], layer.in_features, layer.out_features)
-        n = sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("base_layer."))
+        names = getattr(layer, "shared_names", ())
+        n = sum(p.numel() for name, p in layer.named_parameters(remove_duplicate=False)
+                if not name.startswith("base_layer.") and name not in names)
+        shared.update((name, p) for name, p in layer.named_parameters(remove_duplicate=False) if name in names)
         row = rows.setdefault(key, {"module": key[0], "in": key[1], "out": key[2], "layers": 0, "per_layer": n})
         row["layers"] += 1
     trainable = count_adapter_parameters(model)
     return {"model": cfg.model.id, "source": source, "adapter": model.adapter_config, "base_parameters": base_total,
             "base_non_embedding": base, "rows": list(rows.values()), "trainable": trainable,
-            "percent": 100.0 * trainable / base}
+            "percent": 100.0 * trainable / base, "split": parameter_split(model),
+            "shared": {name: list(p.shape) for name, p in shared.items()}}
+
+
+# The roles of adapter tensors, by their name in the layer: what a budget is spent on.
+SPLIT_ROLES = {"lora_A": "lora", "lora_B": "lora", "task_embedding": "task_embedding"}
+SPLIT_LABELS = {"lora": "LoRA part", "routing": "routers", "task_embedding": "task embeddings"}
+
+
+def parameter_split(model) -> dict[str, int]:
+    """Trainable adapter parameters by role: `lora` (A and B), `routing` (mixture routers, MoRE's selectors)
+    and `task_embedding` (per-task tables); a tensor several layers share counts once. MoRE with
+    adapter.task_embedding=per_module spends most of its budget on task embeddings (a [T, P] table per
+    projection), so a total alone does not compare it with the other methods."""
+    from mode.adapters.inject import adapter_layers
+
+    seen, split = set(), {"lora": 0, "routing": 0, "task_embedding": 0}
+    for _, layer in adapter_layers(model):
+        for name, p in layer.named_parameters(remove_duplicate=False):
+            if name.startswith("base_layer.") or not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            split[SPLIT_ROLES.get(name.rsplit(".", 1)[-1], "routing")] += p.numel()
+    return split
+
+
+def split_text(split: dict[str, int], method: str, task_embedding: str | None = None) -> str:
+    """One line: 'LoRA part 1,769,472 + selectors 1,180,224 + task embeddings 111,476,736 (per_module)'."""
+    labels = {**SPLIT_LABELS, "routing": "selectors" if method == "more" else "routers"}
+    parts = [f"{labels[k]} {v:,}" for k, v in split.items() if v or k == "lora"]
+    return " + ".join(parts) + (f" (task_embedding={task_embedding})" if method == "more" and task_embedding else "")
+
+
+def run_parameter_split(run_dir) -> dict | None:
+    """{"split", "method", "task_embedding", "tasks"} of a finished run (or its light record), its adapter
+    rebuilt on the meta device from config.yaml with data_stats.json's training tasks; None when the base
+    model's architecture cannot be read here (a hub model offline) or the files are missing."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from mode.adapters import apply_adapters
+
+    run_dir = Path(run_dir)
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        tasks = json.loads((run_dir / "data_stats.json").read_text(encoding="utf-8"))["tasks"]
+        model, _ = meta_model(cfg.model)
+        apply_adapters(model, cfg.adapter, num_tasks=len(tasks) if cfg.adapter.get("num_tasks") is None else None)
+    except (OSError, ValueError, KeyError, TypeError, ModeError):
+        return None
+    a = model.adapter_config
+    return {"split": parameter_split(model), "method": a.method, "task_embedding": a.task_embedding,
+            "tasks": a.num_tasks}
 
 
 def training_tasks(data_cfg) -> list[str]:
@@ -95,7 +152,8 @@ def training_tasks(data_cfg) -> list[str]:
 
 
 def describe(adapter) -> str:
-    shapes = {"lora": f"r={adapter.rank}", "more": f"R={adapter.rank}, tasks={adapter.num_tasks}",
+    shapes = {"lora": f"r={adapter.rank}",
+              "more": f"R={adapter.rank}, tasks={adapter.num_tasks}, task_embedding={adapter.task_embedding}",
               "mode": f"{adapter.experts}x{adapter.rank}x{adapter.block_rank}"}
     return f"{adapter.method} {shapes.get(adapter.method, f'{adapter.experts}x{adapter.rank}')}"
 
@@ -109,9 +167,16 @@ def format_table(t: dict) -> str:
         n = r["layers"] * r["per_layer"]
         lines.append(f"{r['module']:<12}{r['in']:>8}{r['out']:>8}{r['layers']:>8}{r['per_layer']:>14,}{n:>16,}"
                      f"{100 * n / t['base_non_embedding']:>10.2f}%")
+    for shape in t.get("shared", {}).values():  # one tensor for the whole model: in = its width, out = T
+        n = math.prod(shape)
+        lines.append(f"{'shared':<12}{shape[1]:>8}{'T=' + str(shape[0]):>8}{'1':>8}{n:>14,}{n:>16,}"
+                     f"{100 * n / t['base_non_embedding']:>10.2f}%")
     lines += ["-" * len(header),
               f"{'total':<12}{'':>8}{'':>8}{sum(r['layers'] for r in t['rows']):>8}{'':>14}"
               f"{t['trainable']:>16,}{t['percent']:>10.2f}%"]
+    if t.get("split") and (t["split"]["routing"] or t["split"]["task_embedding"]):
+        lines += ["", "split: " + split_text(t["split"], t["adapter"].method, t["adapter"].task_embedding)]
+    lines += [f"shared: {name} {shape}, one tensor every layer holds" for name, shape in t.get("shared", {}).items()]
     return "\n".join(lines)
 
 
