@@ -1,14 +1,17 @@
 """`make bench`: speed and memory of every adapter method against the frozen base, PEFT's LoRA and the
 per-expert Python loop, as RATIOS measured in one interleaved run (shared machines are noisy).
 
-    python -m benchmarks.bench                 # step, layer, generate, profile, memory, padding (~15 min)
+    python -m benchmarks.bench                 # step, layer, generate, profile, memory, padding (~15 min;
+                                               # the bf16 rows add more on a CPU without native bf16)
     python -m benchmarks.bench --parts data    # tokenising every bundled train task, twice (~10-15 min)
-    python -m benchmarks.bench --quick         # the same code paths at toy size (~1-2 min), for CI-like checks
+    python -m benchmarks.bench --quick         # the same code paths at toy size, for CI-like checks (minutes:
+                                               # the bf16 rows dominate on a CPU without native bf16)
 
 Parts (each replaces its own section of `<out>/bench.json`; `<out>/bench.md` is rendered from the whole file):
 - step:     one training step per setup (benchmarks/setups.py). All setups share the frozen base weights
             in one process and are timed in rotating order, round after round; a ratio is the median over
-            rounds of the two setups' times in the same round.
+            rounds of the two setups' times in the same round. Top-k routing and bf16 autocast are setups
+            too (`*_top1`, `*_top2`, `*_bf16`), so each is timed in the same rounds as its dense / fp32 twin.
 - layer:    forward + backward of one adapted q_proj alone (its input needing a gradient, as inside a
             network): the adapters' own cost, without the frozen model around it. Interleaved the same way.
 - generate: greedy decoding tokens/s through `mode.evaluation.generate` (the evaluation path), interleaved the same way.
@@ -40,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import render
+from benchmarks.report import BF16, TOP_K, render
 from benchmarks.setups import (
     BY_NAME,
     GENERATE,
@@ -58,6 +61,9 @@ from benchmarks.setups import trainable_parameters as count_trainable
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("step", "layer", "generate", "profile", "memory", "padding", "data")  # the order they run in
 PROFILED = ["lora64", "mode16x4x1", "loop_mode16x4x1"]
+# --quick: the setups the goals name, and the top-k and bf16 variants with what they are measured against
+QUICK = ["floor", "peft_lora16", "lora16", "peft_lora64", "lora64", "mode16x4x1", "loop_mode16x4x1", "molora16x4",
+         *(v for v, _ in TOP_K), *(v for v, _ in BF16)]
 
 
 # -- timing -------------------------------------------------------------------------------------------------------
@@ -84,7 +90,7 @@ def part_step(args, base, tokenizer) -> dict:
     for s in selected(args):
         model = build(base, s)
         params[s.name] = count_trainable(model)
-        runs[s.name] = TrainStep(model, batch)
+        runs[s.name] = TrainStep(model, batch, precision=s.precision)
     print(f"step: {len(runs)} setups x {args.rounds} rounds", file=sys.stderr, flush=True)
     times = interleaved(runs, args.rounds)
     return {"setups": {n: {"label": BY_NAME[n].label, "trainable_parameters": params[n],
@@ -119,7 +125,7 @@ def part_layer(args, base, tokenizer) -> dict:
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(args.batch, args.seq, linear.in_features, generator=gen).requires_grad_()
     tasks = torch.arange(args.batch) % NUM_TASKS
-    runs = {s.name: LayerStep(build(OneLayer(linear), s, ["q_proj"]), x, tasks) for s in selected(args)}
+    runs = {s.name: LayerStep(build(OneLayer(linear), s, ["q_proj"]), x, tasks, s.precision) for s in selected(args)}
     rounds = args.rounds * 4  # a layer takes milliseconds: more rounds, tighter medians
     print(f"layer: {len(runs)} setups x {rounds} rounds", file=sys.stderr, flush=True)
     times = interleaved(runs, rounds)
@@ -161,10 +167,11 @@ def memory_child(args) -> None:
     import resource
 
     base, tokenizer = load_base(args.model, args.layers)
-    model = build(base, BY_NAME[args.memory_child])
+    setup = BY_NAME[args.memory_child]
+    model = build(base, setup)
     del base
     step = TrainStep(model, synthetic_batch(args.batch, args.seq, args.answer, model.config.vocab_size,
-                                            tokenizer.pad_token_id))
+                                            tokenizer.pad_token_id), precision=setup.precision)
     gc.collect()
     linux = Path("/proc/self/clear_refs").exists()
     if linux:
@@ -270,11 +277,20 @@ def part_data(args) -> dict:
 # -- command line ---------------------------------------------------------------------------------------------------
 def machine() -> dict:
     """What the numbers trace to: the code (commit, and whether the tracked files had uncommitted changes),
-    the CPU (model and the features that decide bf16 speed) and the software."""
+    the CPU (model and the features that decide bf16 speed; whether torch sends bf16 matmuls to oneDNN) and
+    the software."""
     from mode.run.provenance import cpu_info, git_commit
 
-    return {**cpu_info(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {**cpu_info(), "cores": os.cpu_count(), "torch": torch.__version__, "mkldnn_bf16": mkldnn_bf16(),
             "python": platform.python_version(), "platform": platform.platform(), **git_commit(REPO)}
+
+
+def mkldnn_bf16() -> bool | None:
+    """torch's own test for a oneDNN bf16 matmul on this CPU (it needs AVX-512 BW/VL/DQ; else a fallback GEMM)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def exact_command(argv: list[str]) -> str:
@@ -302,7 +318,8 @@ def parse(argv=None):
     p.add_argument("--parts", default="step,layer,generate,profile,memory,padding",
                    help=f"comma list of {','.join(PARTS)}")
     p.add_argument("--quick", action="store_true",
-                   help="toy sizes (2 layers, 4 x 64 tokens, 3 rounds) and only the setups the goals name")
+                   help="toy sizes (2 layers, 4 x 64 tokens, 3 rounds) and only the setups the goals, top-k and bf16 "
+                        "rows name")
     p.add_argument("--model", default="smollm2_135m", help="a conf/model name (default smollm2_135m)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers kept (0: all; default 8, quick 2)")
     p.add_argument("--batch", type=int, default=None, help="training sequences per step (default 8)")
@@ -322,7 +339,7 @@ def parse(argv=None):
     full = {"layers": 8, "batch": 8, "seq": 128, "answer": 16, "rounds": 9, "gen_batch": 8, "gen_prompt": 96,
             "gen_tokens": 32}
     quick = {"layers": 2, "batch": 4, "seq": 64, "answer": 8, "rounds": 3, "gen_batch": 4, "gen_prompt": 32,
-             "gen_tokens": 8, "only": "floor,peft_lora16,lora16,peft_lora64,lora64,mode16x4x1,loop_mode16x4x1"}
+             "gen_tokens": 8, "only": ",".join(QUICK)}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

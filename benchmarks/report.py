@@ -28,6 +28,11 @@ EXTRA = [("per-expert loop MoLoRA 16x4 step vs MoDE 16x4 (speed-up)", "step", "l
          ("one layer: per-expert loop MoDE 16x4 vs MoDE 16x4 (speed-up)", "layer", "loop_mode16x4x1", "mode16x4x1"),
          ("one layer: per-expert loop MoLoRA 16x4 vs MoDE 16x4 (speed-up)", "layer", "loop_molora16x4", "mode16x4x1")]
 
+# (variant, the setup it is measured against, in the same rounds): the top-k and bf16 sections
+TOP_K = [("molora16x4_top2", "molora16x4"), ("molora16x4_top1", "molora16x4"),
+         ("mode16x4x1_top2", "mode16x4x1"), ("mode16x4x1_top1", "mode16x4x1")]
+BF16 = [("floor_bf16", "floor"), ("lora64_bf16", "lora64"), ("mode16x4x1_bf16", "mode16x4x1")]
+
 
 def ratio(a: list[float], b: list[float]) -> dict:
     """Median (and quartiles) over rounds of a[i] / b[i]: the two were measured within seconds of each other."""
@@ -215,6 +220,11 @@ def render(results: dict) -> str:
             lines.append(f"| {row['label']} | {1000 * row['median_s']:.2f} | {extra:+.2f} | "
                          f"{ratio(row['times_s'], s[ref]['times_s'])['median']:.3f} |")
         lines.append("")
+    lines += variant_section(results, TOP_K, "## Top-k routing (`adapter.top_k`)",
+                             "Each top-k mixture against the same mixture with dense routing", top_k_why)
+    lines += variant_section(results, BF16, "## bf16 autocast (`train.precision=bf16`)",
+                             "Each setup's forward under bf16 autocast (fp32 weights, bf16 matmuls, as accelerate "
+                             "applies train.precision=bf16) against the same setup in fp32", bf16_why)
     if "generate" in results:
         g = results["generate"]
         s, run = g["setups"], g["run"]
@@ -265,3 +275,105 @@ def render(results: dict) -> str:
                 lines.append(f"| {key} | {d['runs'][key]['what']} | {d['runs'][key]['seconds']:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _pair(results: dict, part: str, num: str, den: str) -> dict | None:
+    setups = results.get(part, {}).get("setups", {})
+    return ratio(setups[num]["times_s"], setups[den]["times_s"]) if {num, den} <= set(setups) else None
+
+
+def variant_section(results: dict, pairs: list[tuple[str, str]], title: str, what: str, explain) -> list[str]:
+    """A variant (top-k, bf16) against its twin, both timed in the same rounds of the step and layer parts."""
+    step, layer = results.get("step", {}).get("setups", {}), results.get("layer", {}).get("setups", {})
+    mem = results.get("memory", {}).get("setups", {})
+    rows = [(v, d) for v, d in pairs if {v, d} <= set(step) or {v, d} <= set(layer)]
+    if not rows:
+        return []
+    run = results["step" if "step" in results else "layer"]["run"]
+    lines = [title, "", _measured(run),
+             f"{what}, timed in the same rounds (training step and one adapted layer, as in the sections of those "
+             "names); ratios are medians over rounds of the per-round ratio, with quartiles.", "",
+             "| setup | against | step ratio | quartiles | one-layer ratio | quartiles | step memory ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for v, d in rows:
+        cells = []
+        for part in ("step", "layer"):
+            r = _pair(results, part, v, d)
+            cells += [f"{r['median']:.3f}", f"{r['q25']:.3f}-{r['q75']:.3f}"] if r else ["", ""]
+        memory = f"{mem[v]['step_mib'] / mem[d]['step_mib']:.3f}" if {v, d} <= set(mem) else ""
+        label = (step.get(v) or layer[v])["label"], (step.get(d) or layer[d])["label"]
+        lines.append(f"| {label[0]} | {label[1]} | " + " | ".join(cells) + f" | {memory} |")
+    return lines + ["", explain(results, rows), ""]
+
+
+def _ratios_text(results: dict, rows: list[tuple[str, str]], part: str) -> str:
+    setups = results[part]["setups"]
+    return ", ".join(f"{setups[v]['label']} {_pair(results, part, v, d)['median']:.2f}x {setups[d]['label']}"
+                     for v, d in rows if {v, d} <= set(setups))
+
+
+def top_k_why(results: dict, rows: list[tuple[str, str]]) -> str:
+    """Why masking saves nothing, with the measured ratios and the most any sparse kernel could save."""
+    text = []
+    if "step" in results:
+        text.append(f"Training step: {_ratios_text(results, rows, 'step')}.")
+    if "layer" in results:
+        text.append(f"One layer: {_ratios_text(results, rows, 'layer')}.")
+    text.append("Top-k is a mask in the fused layer: the dropped experts' logits are set to -inf before the softmax, "
+                "so their gates are exact zeros, but the gated activations z keep their [tokens, r*m] width and the "
+                "up-projection stays the one [tokens, r*m] x [r*m, Q] GEMM of dense routing (MoLoRA's down-projection "
+                "still computes every expert's A x): the same multiply-adds, plus a topk, a scatter and a masked_fill "
+                "on the [tokens, blocks, m] logits and their backward. Multiplying by an exact zero costs what "
+                "multiplying by a gate costs, so sparsity cannot save time in this form, on a CPU or elsewhere.")
+    found = [r for part in ("step", "layer") for v, d in rows if (r := _pair(results, part, v, d))]
+    low = min(found, key=lambda r: r["median"])
+    if low["median"] >= 0.95:
+        text.append("Measured: no ratio is below 0.95, as the arithmetic says.")
+    elif low["q75"] >= 1:
+        text.append(f"The lowest ratio measured ({low['median']:.3f}) is within the rounds' spread (quartiles "
+                    f"{low['q25']:.3f}-{low['q75']:.3f}): noise on a shared machine, not a saving.")
+    else:
+        text.append(f"The lowest ratio measured ({low['median']:.3f}, quartiles {low['q25']:.3f}-{low['q75']:.3f}) "
+                    "is below 1 in most rounds, which the arithmetic does not explain: measure again with more "
+                    "rounds (`--rounds`) on a quieter machine before reading it as a saving.")
+    bounds = []
+    for part, unit, scale in (("step", "s", 1), ("layer", "ms", 1000)):
+        setups = results.get(part, {}).get("setups", {})
+        for d in sorted({d for _, d in rows if d in setups and "floor" in setups}):
+            extra = above_floor(setups[d]["times_s"], setups["floor"]["times_s"])
+            total = statistics.median(setups[d]["times_s"])
+            where = "step" if part == "step" else "one layer"
+            bounds.append(f"{setups[d]['label']} {scale * extra:.3f} {unit} of {scale * total:.3f} {unit} ({where})"
+                          if extra > 0 else f"{setups[d]['label']} nothing measurable ({where}: its median is not "
+                          "above the floor's in this run)")
+    if bounds:
+        text.append("A kernel that gathers each token's k experts could save at most the adapter's time above the "
+                    f"frozen base: {'; '.join(bounds)}.")
+    return " ".join(text)
+
+
+def bf16_why(results: dict, rows: list[tuple[str, str]]) -> str:
+    """bf16 speed is the CPU's: native bf16 instructions (avx512_bf16, AMX), AVX-512 without them, or AVX2 only."""
+    run = results["step" if "step" in results else "layer"]["run"]
+    m = run["machine"]
+    features = set(m.get("cpu_features", []))
+    text = []
+    if "step" in results:
+        text.append(f"Training step: {_ratios_text(results, rows, 'step')}.")
+    if "layer" in results:
+        text.append(f"One layer: {_ratios_text(results, rows, 'layer')}.")
+    have = ", ".join(sorted(features)) or "no AVX2"
+    if features & {"avx512_bf16", "amx_bf16"}:
+        text.append(f"This CPU ({m['cpu']}: {have}) multiplies bf16 natively, so bf16 autocast halves the bytes each "
+                    "matmul reads and runs on bf16 instructions.")
+    elif "avx512f" in features:
+        text.append(f"This CPU ({m['cpu']}: {have}) has AVX-512 but no bf16 instructions (avx512_bf16, AMX): "
+                    "its bf16 matmuls are not native.")
+    else:
+        text.append(f"This CPU ({m['cpu']}: {have}) has neither AVX-512 nor bf16 instructions (avx512_bf16, AMX).")
+    if m.get("mkldnn_bf16") is False:
+        text.append("torch does not send bf16 matmuls to oneDNN here (`torch.ops.mkldnn._is_mkldnn_bf16_supported()` "
+                    "is False: it needs AVX-512 BW/VL/DQ), so they run ATen's fallback GEMM instead of MKL's fp32 "
+                    "kernels: every matmul of the base and the adapter pays it. Train in fp32 on such a CPU "
+                    "(`train.precision=fp32`); bf16 is for GPUs and CPUs with AMX or avx512_bf16.")
+    return " ".join(text)

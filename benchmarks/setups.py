@@ -1,8 +1,11 @@
 """What the benchmark compares: the frozen base (the floor), PEFT's LoRA, our methods and the per-expert
-loop, each built on the SAME frozen base weights, and one training step as mode-train takes it."""
+loop, each built on the SAME frozen base weights, and one training step as mode-train takes it. Variants of
+the same setups measured in the same run: top-k routing (`adapter.top_k`) against the dense mixture, and
+bf16 autocast (`train.precision=bf16`: fp32 weights, bf16 matmuls) against fp32."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from dataclasses import dataclass, field
@@ -19,11 +22,13 @@ class Setup:
     label: str
     kind: str                      # floor | peft | ours | loop
     adapter: dict = field(default_factory=dict)
+    precision: str = "fp32"        # fp32 | bf16 (autocast, as train.precision=bf16: the weights stay fp32)
 
 
-def _ours(name, label, method, rank, experts=1, block_rank=1, kind="ours"):
-    return Setup(name, label, kind, {"method": method, "rank": rank, "experts": experts, "block_rank": block_rank,
-                                     "alpha": 2 * rank, "target_modules": TARGETS})
+def _ours(name, label, method, rank, experts=1, block_rank=1, kind="ours", top_k=None, precision="fp32"):
+    adapter = {"method": method, "rank": rank, "experts": experts, "block_rank": block_rank, "alpha": 2 * rank,
+               "target_modules": TARGETS, **({"top_k": top_k} if top_k is not None else {})}
+    return Setup(name, label, kind, adapter, precision)
 
 
 SETUPS = [
@@ -42,6 +47,15 @@ SETUPS = [
     _ours("more8", "MoRE R8", "more", 8),
     _ours("loop_molora16x4", "per-expert loop MoLoRA 16x4", "molora", 4, 16, kind="loop"),
     _ours("loop_mode16x4x1", "per-expert loop MoDE 16x4x1", "mode", 4, 16, 1, kind="loop"),
+    # top-k routing: the same mixtures with each router keeping its k largest gates (dense: no top_k)
+    _ours("molora16x4_top2", "MoLoRA 16x4 top-2", "molora", 4, 16, top_k=2),
+    _ours("molora16x4_top1", "MoLoRA 16x4 top-1", "molora", 4, 16, top_k=1),
+    _ours("mode16x4x1_top2", "MoDE 16x4x1 top-2", "mode", 4, 16, 1, top_k=2),
+    _ours("mode16x4x1_top1", "MoDE 16x4x1 top-1", "mode", 4, 16, 1, top_k=1),
+    # bf16 autocast: the forward under torch.autocast(bfloat16), as mode-train's train.precision=bf16
+    Setup("floor_bf16", "frozen base (floor) bf16", "floor", precision="bf16"),
+    _ours("lora64_bf16", "LoRA r64 bf16", "lora", 64, precision="bf16"),
+    _ours("mode16x4x1_bf16", "MoDE 16x4x1 bf16", "mode", 4, 16, 1, precision="bf16"),
 ]
 BY_NAME = {s.name: s for s in SETUPS}
 # Generation: the goal's pair and one of each family (decoding is slow enough that fewer setups pay off).
@@ -123,21 +137,30 @@ def synthetic_batch(batch: int, seq: int, answer: int, vocab: int, pad_id: int) 
     return collate_train(rows, pad_id)
 
 
+def autocast(precision: str):
+    """The forward's precision context: bf16 autocast as accelerate applies it for train.precision=bf16 on a
+    CPU (the backward runs outside it, as there), or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class TrainStep:
     """One optimizer step of mode.train's loop: summed answer-token loss / answer tokens, backward, clip, AdamW."""
 
-    def __init__(self, model, batch, lr: float = 1e-4):
+    def __init__(self, model, batch, lr: float = 1e-4, precision: str = "fp32"):
         from mode.training.losses import AnswerLoss
 
         self.loss = AnswerLoss(model).train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr) if self.params else None
-        self.batch = batch
+        self.batch, self.precision = batch, precision
         self.n_tokens = int((batch["labels"][:, 1:] != -100).sum())
 
     def __call__(self) -> None:
         b = self.batch
-        loss = self.loss(b["input_ids"], b["attention_mask"], b["labels"], b["task_ids"])
+        with autocast(self.precision):
+            loss = self.loss(b["input_ids"], b["attention_mask"], b["labels"], b["task_ids"])
         (loss / self.n_tokens).backward()
         if self.optimizer is not None:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -159,14 +182,14 @@ class OneLayer(torch.nn.Module):
 class LayerStep:
     """Forward + backward of one adapted projection inside a network: its input needs a gradient too."""
 
-    def __init__(self, model, x: torch.Tensor, task_ids: torch.Tensor):
-        self.model, self.x, self.task_ids = model, x, task_ids
+    def __init__(self, model, x: torch.Tensor, task_ids: torch.Tensor, precision: str = "fp32"):
+        self.model, self.x, self.task_ids, self.precision = model, x, task_ids, precision
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def __call__(self) -> None:
         from mode.adapters import adapter_context
 
-        with adapter_context(self.model, task_ids=self.task_ids):
+        with adapter_context(self.model, task_ids=self.task_ids), autocast(self.precision):
             out = self.model(self.x)
         out.backward(torch.ones_like(out))
         self.x.grad = None

@@ -80,3 +80,40 @@ def test_quick_benchmark_writes_the_report(tmp_path):
     assert "python -m benchmarks.bench --quick" in report and "## Profile of one training step" in report
     bad = subprocess.run([*cmd[:3], "--only", "lora_99"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode != 0 and "--only 'lora_99' is not one of" in bad.stderr
+
+
+def test_top_k_and_bf16_variants_are_what_they_say():
+    """A top-k setup's routers keep k experts, and a bf16 setup's base matmuls run in bf16 (its fp32 twin's
+    in fp32): the variant rows measure the option they are named after."""
+    from benchmarks.setups import BY_NAME, LayerStep, OneLayer, build
+
+    for name, k in (("molora16x4_top1", 1), ("mode16x4x1_top2", 2), ("mode16x4x1", None)):
+        layer = build(OneLayer(nn.Linear(32, 24)), BY_NAME[name], ["q_proj"]).q_proj
+        assert layer.top_k == k and layer.experts == 16, name
+    dtypes = {}
+    for name in ("mode16x4x1_bf16", "mode16x4x1", "floor_bf16"):
+        model = build(OneLayer(nn.Linear(32, 24).requires_grad_(False)), BY_NAME[name], ["q_proj"])
+        base = getattr(model.q_proj, "base_layer", model.q_proj)
+        base.register_forward_hook(lambda module, inputs, out, name=name: dtypes.__setitem__(name, out.dtype))
+        LayerStep(model, torch.randn(2, 5, 32, requires_grad=True), torch.arange(2), BY_NAME[name].precision)()
+    assert dtypes == {"mode16x4x1_bf16": torch.bfloat16, "mode16x4x1": torch.float32, "floor_bf16": torch.bfloat16}
+
+
+def test_toy_report_has_the_top_k_and_bf16_rows(tmp_path):
+    only = "floor,mode16x4x1,mode16x4x1_top1,floor_bf16,mode16x4x1_bf16"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--model", "tiny_random", "--rounds",
+                           "2", "--out", str(tmp_path), "--parts", "step,layer", "--only", only], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert list(results["step"]["setups"]) == list(results["layer"]["setups"]) == only.split(",")
+    assert all(len(s["times_s"]) == 2 for s in results["step"]["setups"].values())
+    assert results["step"]["run"]["machine"]["mkldnn_bf16"] in (True, False)
+    report = (tmp_path / "bench.md").read_text()
+    top_k = report.split("## Top-k routing (`adapter.top_k`)")[1].split("\n## ")[0]
+    assert re.search(r"\| MoDE 16x4x1 top-1 \| MoDE 16x4x1 \| \d+\.\d{3} \| [\d.]+-[\d.]+ \| \d+\.\d{3} \|", top_k)
+    assert "the same multiply-adds" in top_k and "MoDE 16x4x1 top-1" in top_k.split("\n\n")[-1]
+    bf16 = report.split("## bf16 autocast (`train.precision=bf16`)")[1].split("\n## ")[0]
+    for row in (r"\| frozen base \(floor\) bf16 \| frozen base \(floor\) \|", r"\| MoDE 16x4x1 bf16 \| MoDE 16x4x1 \|"):
+        assert re.search(row + r" \d+\.\d{3} \|", bf16), row
+    assert "This CPU (" in bf16

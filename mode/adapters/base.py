@@ -51,6 +51,7 @@ class AdapterLayer(nn.Module):
     router_temperature: float = 1.0
     balance_loss_weight: float = 0.0
     z_loss_weight: float = 0.0
+    in_decoder: bool = False  # in the decoder of an encoder-decoder model (apply_adapters): its tokens are the target's
 
     def __init__(self, base: nn.Linear, cfg: AdapterConfig, runtime: AdapterRuntime | None = None):
         super().__init__()
@@ -64,6 +65,7 @@ class AdapterLayer(nn.Module):
         self.routing_sums: torch.Tensor | None = None  # diagnostics.py: usage, entropy and token sums
         self.task_routing_sums: torch.Tensor | None = None  # [tasks, blocks*m + 1]: usage and tokens per task
         self._merged_task: int | None = None  # a task-routed adapter merges one task at a time
+        self._weight_before_merge: torch.Tensor | None = None  # merge keeps it for an exact unmerge
 
     # -- what a method provides -------------------------------------------------------------------
     @classmethod
@@ -119,6 +121,10 @@ class AdapterLayer(nn.Module):
         if not weight.is_meta:
             nn.init.normal_(weight, std=std)
 
+    def token_weights(self, num_tokens: int) -> torch.Tensor | None:
+        """This layer's real-token mask [num_tokens] (the encoder's or the target's in a T5), or None."""
+        return self.runtime.token_weights(num_tokens, decoder=self.in_decoder)
+
     # -- mixture routing ----------------------------------------------------------------------------
     def init_routing(self, cfg: AdapterConfig) -> None:
         """A mixture's routing options; with adapter.router_input=task, the per-task embedding the routers read
@@ -156,7 +162,7 @@ class AdapterLayer(nn.Module):
         """
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(torch.float32), router.reshape(-1, router.shape[-1]))
-        return self.route(logits.view(x.shape[0], blocks, -1), self.runtime.token_weights(x.shape[0]))
+        return self.route(logits.view(x.shape[0], blocks, -1), self.token_weights(x.shape[0]))
 
     def task_gates(self, batch: int, per_row: int, router: torch.Tensor, blocks: int) -> torch.Tensor:
         """router_input=task: routing weights [B, blocks, m] from each sequence's task embedding."""
@@ -167,7 +173,7 @@ class AdapterLayer(nn.Module):
         ids = self.runtime.require_task_ids(batch)
         with torch.autocast(device_type=router.device.type, enabled=False):
             logits = F.linear(self.task_embedding[ids], router.reshape(-1, router.shape[-1]))
-        weights = self.runtime.token_weights(batch * per_row)   # a sequence weighs its real tokens
+        weights = self.token_weights(batch * per_row)   # a sequence weighs its real tokens
         weights = (weights.view(batch, per_row).sum(1) if weights is not None
                    else torch.full((batch,), float(per_row), device=logits.device))
         return self.route(logits.view(batch, blocks, -1), weights)
@@ -277,22 +283,28 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, task: int | None = None) -> None:
-        """Fold s * delta_weight into the base weight (float32 arithmetic) and stop adding the branch."""
+        """Fold s * delta_weight into the base weight (float32 arithmetic, rounded once to the weight's dtype)
+        and stop adding the branch. The weight as it was is kept (a copy in its own dtype, not in the state
+        dict) for `unmerge`: round(round(W + s d) - s d) is not W in bf16 (nor always in float32), so
+        subtracting the delta again would leave some weights an ulp off. PEFT subtracts and accepts that."""
         if self.merged:
             if self.task_routed and task != self._merged_task:
                 raise ModeError(f"task {self._merged_task} is merged already; call unmerge_adapters first")
             return
         weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.scale * self.delta_weight(task)).to(weight.dtype))
+        merged = (weight.float() + self.scale * self.delta_weight(task)).to(weight.dtype)  # raises before a change
+        self._weight_before_merge = weight.detach().clone()
+        weight.copy_(merged)
         self.merged = True
         self._merged_task = task if self.task_routed else None
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Give the base weight back bit for bit: the copy `merge` kept, not the merged weight minus the delta."""
         if not self.merged:
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.scale * self.delta_weight(self.merged_task())).to(weight.dtype))
+        self.base_layer.weight.copy_(self._weight_before_merge)
+        self._weight_before_merge = None
         self.merged = False
         self._merged_task = None
 
