@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 PROFILE ?= smoke
 LAUNCHER ?= basic
 
-.PHONY: help install train test test-all lint reproduce-table aggregate bench bench-quick bench-data clean-venv
+.PHONY: help install train test test-all lint reproduce-table aggregate bench bench-quick bench-data bench-data-scale clean-venv
 
 help:
 	@echo "make install   fresh $(VENV) with $(TORCH_SPEC) and mode (editable, with dev extras)"
@@ -20,7 +20,9 @@ help:
 	@echo "                the profile's table sweeps (finished runs reused), then results/<PROFILE>/"
 	@echo "make aggregate PROFILE=...   only rebuild results/<PROFILE>/ from finished runs (or the records in results/<PROFILE>/runs/)"
 	@echo "make bench     speed + memory of every method vs PEFT LoRA and the per-expert loop (~15 min) -> benchmarks/results/"
-	@echo "make bench-quick  the same at toy size (~1-2 min)   make bench-data  tokenisation cache timings (~10-15 min)"
+	@echo "make bench-quick  the same at toy size, + top-k and bf16 rows   make bench-data  tokenisation cache timings (~10-15 min)"
+	@echo "make bench-data-scale [SNI_FULL=/tmp/sni-full]  data=sni_train at upstream size (~2.0M instances), 1 and 2"
+	@echo "                processes: first build + cached load, time and peak memory (long: both cores, see docs/data.md)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +60,11 @@ bench-quick: $(STAMP)
 
 bench-data: $(STAMP)
 	$(BIN)/python -m benchmarks.bench --parts data $(ARGS)
+
+SNI_FULL ?= /tmp/sni-full
+bench-data-scale: $(STAMP)
+	test -d $(SNI_FULL)/tasks || $(BIN)/python scripts/make_synthetic_sni.py $(SNI_FULL) --split train
+	$(BIN)/python -m benchmarks.data_scale --sni-dir $(SNI_FULL) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,7 +8,9 @@ encoding options, the layout (decoder-only or seq2seq), each task file's SHA-256
 encode (id, input, chosen answer or references, task index) — so split seeds, fractions, caps and task
 lists change the key through the instances they select, and nothing that changes tokens can be missed.
 Writes go to a temporary folder renamed into place under a file lock: concurrent sweep jobs encode once,
-and a crash never leaves a half-written entry.
+and a crash never leaves a half-written entry. A training entry also stores the digest of its rows
+(`rows_digest`, the checkpoints' data fingerprint), computed once when it is written, so that loading it
+never has to read every token again.
 """
 
 from __future__ import annotations
@@ -83,34 +85,85 @@ def quiet_datasets():
             ds_logging.enable_progress_bar()
 
 
-def load_or_build(cache_dir, name: str, build):
-    """(dataset, stats) from `<cache_dir>/sni/<name>/`, or from `build()` (then stored there).
+DIGEST_FILE = "mode_rows_sha256"
+DIGEST_BATCH = 65536  # rows per slice: bounded memory whatever the data size
 
-    `cache_dir=None` disables the cache: the result of `build()` is returned as is."""
-    if cache_dir is None:
-        return build()
+
+def rows_digest(dataset, batch_rows: int = DIGEST_BATCH) -> str:
+    """SHA-256 of encoded training rows (`id`, `prompt_length`, `input_ids`), streamed slice by slice.
+
+    The bytes hashed are exactly those of hashing at once the ids joined by \\x1f, then every
+    prompt_length, every row length and every token as int64 (what the data fingerprint always was), so
+    checkpoints written before it was streamed still resume. Reads only these columns of the memory-mapped
+    table (an indices mapping, e.g. after dropping rows, is honoured), one slice at a time."""
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    n = len(dataset)
+    rows = dataset.select_columns(["id", "prompt_length", "input_ids"]).with_format("arrow")
+
+    def slices():
+        for start in range(0, n, batch_rows):
+            yield rows[start : start + batch_rows]
+
+    for k, part in enumerate(slices()):
+        digest.update(("\x1f" if k else "").encode() + "\x1f".join(part.column("id").to_pylist()).encode())
+    for part in slices():
+        digest.update(part.column("prompt_length").to_numpy().astype("int64").tobytes())
+    for part in slices():
+        digest.update(pc.list_value_length(part.column("input_ids")).to_numpy().astype("int64").tobytes())
+    for part in slices():
+        digest.update(pc.list_flatten(part.column("input_ids")).to_numpy().astype("int64").tobytes())
+    return digest.hexdigest()
+
+
+def entry_path(cache_dir, name: str) -> Path:
+    return Path(str(cache_dir)) / "sni" / name
+
+
+def load_entry(final: Path):
+    """(dataset memory-mapped, stats, rows digest or None) of a complete cache entry."""
     from datasets import load_from_disk
 
-    final = Path(str(cache_dir)) / "sni" / name
+    try:
+        with quiet_datasets():
+            loaded = load_from_disk(str(final))
+        digest = final / DIGEST_FILE
+        return (loaded, json.loads((final / "mode_stats.json").read_text()),
+                digest.read_text().strip() if digest.is_file() else None)
+    except Exception as err:  # noqa: BLE001 - any unreadable entry gets the same advice
+        raise ModeError(f"{final}: unreadable tokenised-data cache entry ({err}); delete the folder and rerun") from err
+
+
+def load_or_build(cache_dir, name: str, build, digest=None):
+    """(dataset, stats, rows digest) from `<cache_dir>/sni/<name>/`, or from `build()` (then stored there).
+
+    `digest` (e.g. `rows_digest`), when given, is computed once on the written entry and stored with it;
+    the third element is None otherwise. `cache_dir=None` disables the cache: the result of `build()` is
+    returned as is (digest None)."""
+    if cache_dir is None:
+        return (*build(), None)
+    final = entry_path(cache_dir, name)
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if not (final / "mode_stats.json").is_file():
             dataset, stats = build()
             if not len(dataset):  # nothing to keep (and datasets cannot reload a table without rows)
-                return dataset, stats
+                return dataset, stats, None
             tmp = final.parent / f".tmp-{name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 with quiet_datasets():
                     dataset.save_to_disk(str(tmp))
-                (tmp / "mode_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+                del dataset  # the in-memory table: from here on, the memory-mapped files
+                if digest is not None:
+                    from datasets import load_from_disk
+
+                    with quiet_datasets():
+                        (tmp / DIGEST_FILE).write_text(digest(load_from_disk(str(tmp))) + "\n")
+                (tmp / "mode_stats.json").write_text(json.dumps(stats, indent=1) + "\n")  # last: marks it complete
                 shutil.rmtree(final, ignore_errors=True)  # a folder without mode_stats.json is incomplete
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with quiet_datasets():
-            loaded = load_from_disk(str(final))
-        return loaded, json.loads((final / "mode_stats.json").read_text())
-    except Exception as err:  # noqa: BLE001 - any unreadable entry gets the same advice
-        raise ModeError(f"{final}: unreadable tokenised-data cache entry ({err}); delete the folder and rerun") from err
+    return load_entry(final)

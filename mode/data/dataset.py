@@ -3,6 +3,9 @@
 Instances are selected (task sets, protocol split, caps), then tokenised with `datasets.map` in
 parallel and cached (see `mode.data.cache`): a second run with the same inputs loads Arrow files
 instead of tokenising again. Rows stay memory-mapped; `Rows` reads them like a list of dicts.
+
+Several processes (torchrun): the main one builds (`build_data`), the others load what it cached
+(`SNIData.handle` -> `load_data`), so task files are read and hashed once per job, not once per process.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from mode.data.cache import Key, load_or_build, tokenizer_fingerprint
+from mode.data.cache import Key, entry_path, load_entry, load_or_build, rows_digest, tokenizer_fingerprint
 from mode.data.encoding import EncodingConfig, PromptEncoder
 from mode.data.sni import Task
 from mode.data.splits import held_in_split, held_out_eval, held_out_train, stable_seed
@@ -28,10 +32,14 @@ HELD_OUT_EVAL_POOL = 100  # Tk-Instruct evaluates on Instances[:100] of each tes
 
 
 class Rows(Sequence):
-    """Encoded rows (a `datasets.Dataset`, memory-mapped when cached) read like a list of dicts."""
+    """Encoded rows (a `datasets.Dataset`, memory-mapped when cached) read like a list of dicts.
 
-    def __init__(self, dataset):
+    `digest`: the rows' `rows_digest` when the cache stored it (the data fingerprint, without reading
+    every token again), else None."""
+
+    def __init__(self, dataset, digest: str | None = None):
         self.dataset = dataset
+        self.digest = digest
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -62,6 +70,7 @@ class SNIData:
     stats: dict = field(default_factory=dict)
     eval_tasks: list[str] = field(default_factory=list)  # evaluated tasks (== tasks under held_in)
     protocol: str = "held_in"
+    sources: dict = field(default_factory=dict)  # part -> its cache entry folder (when it came from the cache)
 
     @property
     def task_names(self) -> list[str]:
@@ -72,6 +81,22 @@ class SNIData:
         """What data_stats.json records: the protocol, the tasks, absent ones and per-task counts."""
         return {"protocol": self.protocol, "tasks": self.tasks, "eval_tasks": self.eval_tasks,
                 "absent_tasks": self.absent_tasks, "per_task": self.stats}
+
+    def handle(self) -> dict | None:
+        """What another process needs to load these data from the cache (`load_data`): a small picklable
+        dict; None when a part is not in the cache (`data.cache=false`, or a part without rows)."""
+        if set(self.sources) != {"train", "eval"}:
+            return None
+        return {**self.record(), "sources": dict(self.sources)}
+
+
+def load_data(handle: dict) -> SNIData:
+    """The data another process built (`SNIData.handle`), memory-mapped from its cache entries."""
+    parts = {part: load_entry(Path(folder)) for part, folder in handle["sources"].items()}
+    return SNIData(tasks=handle["tasks"], absent_tasks=handle["absent_tasks"],
+                   train=Rows(parts["train"][0], parts["train"][2]), eval=Rows(parts["eval"][0]),
+                   stats=handle["per_task"], eval_tasks=handle["eval_tasks"], protocol=handle["protocol"],
+                   sources=dict(handle["sources"]))
 
 
 def _int_or_none(data_cfg, key: str, where: str = "data"):
@@ -237,16 +262,21 @@ def build_data(data_cfg, eval_cfg, tokenizer, *, need_train: bool = True, cache_
     sets = resolve_task_sets(data_cfg)
     encoder = PromptEncoder(tokenizer, EncodingConfig.from_mapping(data_cfg.encoding), seq2seq=seq2seq)
     train_records, eval_records = select_instances(sets, data_cfg, eval_cfg, need_train)
+    for name, task in sets.tasks.items():  # the records hold what encoding needs: free the parsed instances
+        sets.tasks[name] = dataclasses.replace(task, instances=[])
     if not data_cfg.get("cache", True):
         cache_dir = None
-    parts = {}
+    parts, sources = {}, {}
     for part, records in (("train", train_records), ("eval", eval_records)):
         if part == "train" and not need_train:
             continue
         num_proc = _num_proc(data_cfg, len(records))
         name = _cache_name(part, records, encoder, sets.tasks)
         parts[part] = load_or_build(cache_dir, name, functools.partial(
-            _encode, records, part, encoder, sets.tasks, num_proc, name))
+            _encode, records, part, encoder, sets.tasks, num_proc, name),
+            digest=rows_digest if part == "train" else None)
+        if cache_dir is not None and len(parts[part][0]):
+            sources[part] = str(entry_path(cache_dir, name))
     if need_train and not len(parts["train"][0]):
         raise ModeError("no training instance fits data.encoding.max_source_length; raise it or pick other tasks")
     stats: dict[str, dict] = {}
@@ -254,7 +284,7 @@ def build_data(data_cfg, eval_cfg, tokenizer, *, need_train: bool = True, cache_
         stats[name] = {"train": 0, "eval": 0, "train_dropped_overlong": 0, "train_answers_truncated": 0,
                        "eval_prompts_truncated": 0, "train_empty_inputs": 0, "eval_empty_inputs": 0,
                        "eval_empty_references": 0}
-        for _, part_stats in parts.values():
+        for _, part_stats, _ in parts.values():
             stats[name].update(part_stats.get(name, {}))
     _count_empty(stats, train_records if need_train else [], eval_records)
     dropped = sum(s["train_dropped_overlong"] for s in stats.values())
@@ -263,6 +293,7 @@ def build_data(data_cfg, eval_cfg, tokenizer, *, need_train: bool = True, cache_
     from datasets import Dataset
 
     return SNIData(tasks=sets.train, absent_tasks=sets.absent,
-                   train=Rows(parts["train"][0] if "train" in parts else Dataset.from_dict({})),
-                   eval=Rows(parts["eval"][0]), stats=stats, eval_tasks=sets.eval, protocol=sets.protocol)
+                   train=Rows(parts["train"][0], parts["train"][2]) if "train" in parts else Rows(Dataset.from_dict({})),
+                   eval=Rows(parts["eval"][0]), stats=stats, eval_tasks=sets.eval, protocol=sets.protocol,
+                   sources=sources)
 

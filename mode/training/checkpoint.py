@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mode.adapters import adapter_state_dict, load_adapters, save_adapters
+from mode.data.cache import rows_digest
 from mode.errors import ModeError
 from mode.run.fileio import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
@@ -65,20 +66,15 @@ def data_fingerprint(examples) -> str:
     """A digest of the encoded training examples: resuming on changed data (edited task files, another
     tokenizer version) would silently train a different run, so it is refused instead.
 
-    Arrow-backed rows (`mode.data.dataset.Rows`) are hashed column-wise, independent of chunk layout;
-    plain lists of dicts row by row.
+    Arrow-backed rows (`mode.data.dataset.Rows`) give the digest their cache entry stored when it was
+    written, or stream it (`mode.data.cache.rows_digest`: column-wise, independent of chunk layout, a slice
+    at a time, never every token in one array); plain lists of dicts are hashed row by row.
     """
+    if getattr(examples, "digest", None):
+        return examples.digest
+    if getattr(examples, "dataset", None) is not None and hasattr(examples.dataset, "with_format"):
+        return rows_digest(examples.dataset)
     digest = hashlib.sha256()
-    table = getattr(getattr(examples, "dataset", None), "data", None)
-    if table is not None:
-        import pyarrow.compute as pc
-
-        digest.update("\x1f".join(table.column("id").to_pylist()).encode())
-        digest.update(table.column("prompt_length").to_numpy().astype("int64").tobytes())
-        ids = table.column("input_ids")
-        digest.update(pc.list_value_length(ids).to_numpy().astype("int64").tobytes())
-        digest.update(pc.list_flatten(ids).to_numpy().astype("int64").tobytes())
-        return digest.hexdigest()
     for e in examples:
         digest.update(f"{e['id']}\x1f{e['prompt_length']}\x1f".encode())
         digest.update(array("q", e["input_ids"]).tobytes())

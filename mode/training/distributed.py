@@ -101,6 +101,54 @@ def first_host(nodelist: str) -> str:
     return prefix + re.split("[,-]", ranges)[0] if ranges else prefix
 
 
+DATA_WAIT_S = 60  # the others poll for the main process's data this often (and log every 10 polls)
+_data_calls = [0]
+
+
+def data_on_main(accelerator, build, load):
+    """The training data, read, hashed and tokenised by the main process alone; the others wait, then
+    memory-map the cache entries it wrote (`load(handle)`; `SNIData.handle`). A refusal (bad config or
+    task file) is raised by every process alike. Without the cache (`data.cache=false`) there is nothing
+    to share: every process builds its own copy, as a single process would.
+
+    The others wait on the process group's key-value store in slices of DATA_WAIT_S, not in a collective:
+    a first build at full size takes longer than a collective's timeout (NCCL's default is 10 minutes)."""
+    if accelerator.num_processes == 1:
+        return build()
+    import datetime
+    import logging
+    import pickle
+
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    _data_calls[0] += 1
+    key = f"mode-data-{_data_calls[0]}"
+    if accelerator.is_main_process:
+        try:
+            data = build()
+        except Exception as err:  # the others must not wait forever: they fail too, with the reason
+            reason = str(err) if isinstance(err, ModeError) else f"the main process failed to build the data ({err!r})"
+            store.set(key, pickle.dumps((None, reason)))
+            raise
+        store.set(key, pickle.dumps((data.handle(), None)))
+        return data
+    polls = 0
+    while True:
+        try:
+            store.wait([key], datetime.timedelta(seconds=DATA_WAIT_S))
+            break
+        except dist.DistStoreError:  # a timeout: the main process is still building
+            polls += 1
+            if polls % 10 == 0:
+                logging.getLogger(__name__).info("process %d: waiting for the main process to build the data "
+                                                 "(%d s so far)", accelerator.process_index, polls * DATA_WAIT_S)
+    handle, error = pickle.loads(store.get(key))
+    if error:
+        raise ModeError(error)
+    return build() if handle is None else load(handle)
+
+
 def plan_on_main(accelerator, run_dir: Path, cfg, resolved: dict) -> tuple[Path, str]:
     """(run directory, NEW | UNFINISHED | FINISHED) as the main process sees them, for every process.
 
