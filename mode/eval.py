@@ -75,7 +75,7 @@ def evaluate_run(cfg: DictConfig, out_dir: str) -> dict:
     from mode.adapters.diagnostics import AdapterDiagnostics
     from mode.adapters.io import read_adapter_meta
     from mode.data.dataset import build_data
-    from mode.models import load_model_and_tokenizer
+    from mode.models import is_seq2seq, load_model_and_tokenizer
 
     run_cfg = _run_config(cfg)
     run_dir = Path(str(cfg.run_dir))
@@ -87,7 +87,7 @@ def evaluate_run(cfg: DictConfig, out_dir: str) -> dict:
     device = torch.device(run_cfg.eval.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     data = build_data(run_cfg.data, run_cfg.eval, tokenizer, need_train=False,
-                      cache_dir=OmegaConf.select(run_cfg, "paths.cache_dir", default=None))
+                      cache_dir=OmegaConf.select(run_cfg, "paths.cache_dir", default=None), seq2seq=is_seq2seq(model))
     trained_on = read_adapter_meta(adapter_dir).get("tasks")
     if (saved.method == "more" or saved.router_input == "task") and trained_on is not None and trained_on != data.tasks:
         raise ModeError(f"{adapter_dir}: the MoRE adapter was trained on other tasks (or another order) than "
@@ -137,11 +137,11 @@ def evaluate_model(cfg: DictConfig, out_dir: str) -> dict:
     from mode.adapters import count_adapter_parameters
     from mode.adapters.diagnostics import AdapterDiagnostics
     from mode.data.dataset import build_data
-    from mode.models import load_model_and_tokenizer, non_embedding_parameters
+    from mode.models import is_seq2seq, load_model_and_tokenizer, non_embedding_parameters
 
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     data = build_data(cfg.data, cfg.eval, tokenizer, need_train=False,
-                      cache_dir=OmegaConf.select(cfg, "paths.cache_dir", default=None))
+                      cache_dir=OmegaConf.select(cfg, "paths.cache_dir", default=None), seq2seq=is_seq2seq(model))
     adapter = None
     if cfg.get("adapter_path"):
         adapter = attach_adapter(model, cfg.adapter_path, cfg.model.get("name_or_path"), list(data.tasks))

@@ -51,10 +51,14 @@ def apply_adapters(model: nn.Module, config, num_tasks: int | None = None) -> nn
                             f"({linear.in_features} -> {linear.out_features}): it adds parameters, not capacity")
     # Shared by reference (see runtime.py); task ids are range-checked only where they route.
     runtime = AdapterRuntime(num_tasks=cfg.num_tasks if layer_cls.task_routed else None)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer_cls(linear, cfg, runtime))
+        layer = layer_cls(linear, cfg, runtime)
+        # a T5 decoder layer's tokens are the target's: its real-token mask is the decoder's (runtime.py)
+        layer.in_decoder = encoder_decoder and (name.startswith("decoder.") or ".decoder." in name)
+        setattr(parent, child, layer)
     model.adapter_config = cfg
     model.adapter_runtime = runtime
     model.adapter_base_fingerprint = base_fingerprint(targets)
@@ -88,11 +92,11 @@ def _strip_wrappers(name: str) -> str:
 
 
 def count_adapter_parameters(model: nn.Module) -> int:
-    """Trainable adapter parameters (base weights excluded)."""
-    return sum(
-        p.numel() for _, layer in adapter_layers(model)
-        for n, p in layer.named_parameters() if not n.startswith("base_layer.") and p.requires_grad
-    )
+    """Trainable adapter parameters (base weights excluded); a tensor several layers share (MoRE's
+    adapter.task_embedding=shared) counts once."""
+    unique = {id(p): p for _, layer in adapter_layers(model)
+              for n, p in layer.named_parameters() if not n.startswith("base_layer.") and p.requires_grad}
+    return sum(p.numel() for p in unique.values())
 
 
 def merge_adapters(model: nn.Module, task: int | None = None) -> None:

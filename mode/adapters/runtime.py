@@ -21,6 +21,7 @@ from mode.errors import ModeError
 class AdapterRuntime:
     task_ids: torch.Tensor | None = None         # [batch] task index of each sequence
     attention_mask: torch.Tensor | None = None   # [batch, seq]: 1 on real tokens (pooling, statistics)
+    decoder_attention_mask: torch.Tensor | None = None  # encoder-decoder: [batch, target] for decoder layers
     num_tasks: int | None = None                 # tasks the adapter knows (MoRE); task ids are checked
     recomputing: bool = False                    # a gradient-checkpoint recompute: record nothing twice
     track_routing: bool = False                  # accumulate routing statistics (diagnostics.py)
@@ -28,6 +29,7 @@ class AdapterRuntime:
     aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # this forward's auxiliary losses
     aux_weights: dict[str, float] = field(default_factory=dict)        # name -> weight in the objective
     aux_history: dict[str, list[float]] = field(default_factory=dict)  # detached values, for logging
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)     # tensors all layers hold (MoRE's shared table)
 
     # -- written by layers ---------------------------------------------------------------------------
     def add_aux_loss(self, name: str, value: torch.Tensor, weight: float) -> None:
@@ -37,9 +39,10 @@ class AdapterRuntime:
         self.aux.setdefault(name, []).append(value)
         self.aux_weights[name] = weight
 
-    def token_weights(self, num_tokens: int) -> torch.Tensor | None:
-        """[num_tokens] float mask of real tokens when the attention mask matches the layer's input."""
-        mask = self.attention_mask
+    def token_weights(self, num_tokens: int, decoder: bool = False) -> torch.Tensor | None:
+        """[num_tokens] float mask of real tokens when the attention mask matches the layer's input.
+        `decoder`: a layer in the decoder of an encoder-decoder model, whose tokens are the target's."""
+        mask = self.decoder_attention_mask if decoder else self.attention_mask
         if mask is None or mask.numel() != num_tokens:
             return None  # e.g. one decoding step of generation: every row is a real token
         return mask.reshape(-1).to(torch.float32)
@@ -81,8 +84,12 @@ def runtime_of(model) -> AdapterRuntime | None:
 
 
 @contextlib.contextmanager
-def adapter_context(model, task_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
-    """Give the adapter layers of `model` this batch's task ids (and mask) for the enclosed forward pass.
+def adapter_context(model, task_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                    decoder_attention_mask: torch.Tensor | None = None):
+    """Give the adapter layers of `model` this batch's task ids (and masks) for the enclosed forward pass.
+
+    Encoder-decoder models: `attention_mask` is the encoder's, `decoder_attention_mask` the target's
+    (None in generation, whose decoder steps hold real tokens only).
 
     Yields the runtime (None for a model without adapters). Auxiliary losses recorded inside the block
     are read with `runtime.aux_loss()` before it ends; everything is restored on exit.
@@ -96,7 +103,8 @@ def adapter_context(model, task_ids: torch.Tensor | None = None, attention_mask:
         if low < 0 or high >= runtime.num_tasks:
             raise ModeError(f"task id {low if low < 0 else high} is out of range: the adapter knows "
                             f"{runtime.num_tasks} tasks (adapter.num_tasks)")
-    old = runtime._swap(task_ids=task_ids, attention_mask=attention_mask, aux={})
+    old = runtime._swap(task_ids=task_ids, attention_mask=attention_mask,
+                        decoder_attention_mask=decoder_attention_mask, aux={})
     try:
         yield runtime
     finally:
@@ -111,7 +119,8 @@ def checkpoint_context_fn(model):
         runtime = runtime_of(model)
         if runtime is None:
             return contextlib.nullcontext(), contextlib.nullcontext()
-        saved = {"task_ids": runtime.task_ids, "attention_mask": runtime.attention_mask}
+        saved = {"task_ids": runtime.task_ids, "attention_mask": runtime.attention_mask,
+                 "decoder_attention_mask": runtime.decoder_attention_mask}
 
         @contextlib.contextmanager
         def recompute():

@@ -25,14 +25,16 @@ def collate_train(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "task_ids": task_ids}
 
 
-def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for batched generation with a KV cache."""
+def collate_prompts(prompts: list[list[int]], pad_id: int, left: bool = True) -> dict[str, torch.Tensor]:
+    """Padded prompts for batched generation: left-padded for a decoder-only model (new tokens follow the
+    prompt), right-padded (`left=False`) for an encoder-decoder's encoder, as Tk-Instruct's collator pads."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        attention_mask[row, width - len(p) :] = 1
+        cols = slice(width - len(p), width) if left else slice(0, len(p))
+        input_ids[row, cols] = torch.tensor(p, dtype=torch.long)
+        attention_mask[row, cols] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 

@@ -35,7 +35,8 @@ def shape(adapter) -> str:
     return f"{adapter.experts} experts x rank {r}"
 
 
-def model_card(info, weights: str, task: int | None, peft_config: dict | None, base_model: str | None) -> str:
+def model_card(info, weights: str, task: int | None, peft_config: dict | None, base_model: str | None,
+               auto_class: str | None = None) -> str:
     a, cfg, metrics = info.adapter, info.cfg, info.metrics or {}
     label = LABELS.get(a.method, a.method)
     hub_base = base_model if is_hub_id(base_model) else None
@@ -109,21 +110,21 @@ def model_card(info, weights: str, task: int | None, peft_config: dict | None, b
                              f"{row.get('num_instances', '')} |")
 
     rank = peft_config["r"] if peft_config else a.rank
-    lines += ["", "## Use", ""] + usage(weights, base_model or "<base model>", rank)
+    lines += ["", "## Use", ""] + usage(weights, base_model or "<base model>", rank, auto_class or "AutoModelForCausalLM")
     return "\n".join(lines) + "\n"
 
 
-def usage(weights: str, base: str, rank: int) -> list[str]:
+def usage(weights: str, base: str, rank: int, auto_class: str = "AutoModelForCausalLM") -> list[str]:
     if weights == "peft":
-        return ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
-                "", f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+        return ["```python", "from peft import PeftModel", f"from transformers import {auto_class}",
+                "", f'base = {auto_class}.from_pretrained("{base}")',
                 'model = PeftModel.from_pretrained(base, "<this repo or folder>")', "```", "",
                 f"vLLM: `LLM(model=..., enable_lora=True, max_lora_rank=<{rank} or more>)` and "
                 "`LoRARequest(\"adapter\", 1, \"<this folder>\")`. Evaluate it on SNI with mode: "
                 f"`mode-eval model.name_or_path={base} adapter_path=<this folder> out=<folder>`."]
     if weights == "merged":
-        return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                'model = AutoModelForCausalLM.from_pretrained("<this repo or folder>")',
+        return ["```python", f"from transformers import {auto_class}, AutoTokenizer", "",
+                f'model = {auto_class}.from_pretrained("<this repo or folder>")',
                 'tokenizer = AutoTokenizer.from_pretrained("<this repo or folder>")', "```"]
     return ["```python", "from mode.adapters import apply_adapters, load_adapters, read_adapter_config", "",
             "config = read_adapter_config(folder)", "apply_adapters(model, config)  # the base model named above",

@@ -164,9 +164,12 @@ def export_run(run_dir, format: str, out, task=None, *, force: bool = False, wei
         if weights == "mode":
             shutil.copy2(run_dir / "adapter" / WEIGHTS_FILE, staging / WEIGHTS_FILE)
             shutil.copy2(adapter_config_path(run_dir / "adapter"), staging / CONFIG_FILE)
-            exported = None
+            exported, auto_class = None, None
         else:
+            from mode.models import model_class
+
             model, tokenizer = load_run_model(info)
+            auto_class = model_class(model.config).__name__  # what loads it: causal or encoder-decoder (T5)
             if weights == "peft":
                 exported = save_peft_lora(model, staging, index, base_model, metadata={
                     "mode.run": str(run_dir), "mode.task_name": info.tasks[index] if index is not None
@@ -183,7 +186,7 @@ def export_run(run_dir, format: str, out, task=None, *, force: bool = False, wei
         if format == "hub":
             from mode.export.card import model_card
 
-            (staging / "README.md").write_text(model_card(info, weights, index, exported, base_model), encoding="utf-8")
+            (staging / "README.md").write_text(model_card(info, weights, index, exported, base_model, auto_class), encoding="utf-8")
         _swap_into_place(staging, out)
     finally:
         if staging.exists():

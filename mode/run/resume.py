@@ -18,7 +18,8 @@ RESUMABLE_CHANGES = ("resume", "force", "logger", "paths", "data.sni_dir", "trai
 # Keys added after runs may have started: a run's config.yaml without one ran with this value.
 ADDED_KEYS = {"train.compile": False, "eval.curve_points": 0, "eval.curve_instances_per_task": 5,
               "adapter.top_k": None, "adapter.router_temperature": 1.0, "adapter.balance_loss_weight": 0.0,
-              "adapter.z_loss_weight": 0.0, "adapter.router_input": "token"}
+              "adapter.z_loss_weight": 0.0, "adapter.router_input": "token", "adapter.task_embedding": "per_module",
+              "model.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # every base was a Llama-style one
 
 
 

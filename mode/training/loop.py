@@ -16,7 +16,6 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from mode.data.collate import collate_train
 from mode.errors import ModeError, TrainingInterrupted
 from mode.training.curves import curve_steps
 from mode.training.distributed import micro_batches
@@ -69,7 +68,7 @@ def train_step(s: Session, step: int, answer_tokens: list[int]) -> float:
     step_loss = torch.zeros((), device=acc.device)
     groups = micro_batches(s.data.train, indices, acc.process_index, acc.num_processes, s.accum, s.micro)
     for k, group in enumerate(groups):
-        batch = collate_train([s.data.train[i] for i in group], s.tokenizer.pad_token_id)
+        batch = s.collate([s.data.train[i] for i in group], s.tokenizer.pad_token_id)
         batch = {key: value.to(acc.device) for key, value in batch.items()}
         sync = k == len(groups) - 1
         with acc.no_sync(s.loss_module) if not sync else contextlib.nullcontext():

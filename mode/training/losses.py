@@ -1,4 +1,4 @@
-"""Training losses."""
+"""Training losses: the summed answer cross-entropy of a causal LM or of an encoder-decoder (T5)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,35 @@ class AnswerLoss(nn.Module):
         if aux is not None:  # a mean (MoRE's contrastive term): scaled by this batch's answer tokens, so the
             loss = loss + aux * keep.sum()  # caller's division by answer tokens gives L_gen + aux
         return loss
+
+
+class Seq2SeqAnswerLoss(nn.Module):
+    """An encoder-decoder LM plus a summed cross-entropy over target tokens (as Tk-Instruct trains T5).
+
+    The source feeds the encoder; the decoder reads the labels shifted right (the model's own
+    `prepare_decoder_input_ids_from_labels`, so T5 starts from its pad token). Every target position is an
+    answer token, so the full logits are needed. Decoder-side adapters see the target's mask.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels, task_ids=None):
+        keep = labels != IGNORE_INDEX
+        decoder_input_ids = self.lm.prepare_decoder_input_ids_from_labels(labels=labels)
+        with adapter_context(self.lm, task_ids=task_ids, attention_mask=attention_mask,
+                             decoder_attention_mask=keep.long()) as adapters:
+            # no decoder mask, as HF's labels= path: padding follows the target, and the decoder is causal
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                             use_cache=False).logits
+            aux = adapters.aux_loss() if adapters is not None else None
+        loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+        if aux is not None:
+            loss = loss + aux * keep.sum()
+        return loss
+
+
+def answer_loss(lm: nn.Module) -> nn.Module:
+    """The loss module for this base: Seq2SeqAnswerLoss for encoder-decoder models, AnswerLoss otherwise."""
+    return Seq2SeqAnswerLoss(lm) if getattr(lm.config, "is_encoder_decoder", False) else AnswerLoss(lm)

@@ -7,6 +7,7 @@ resuming) is restored last, over freshly built objects.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from omegaconf import OmegaConf
 
 from mode.adapters import apply_adapters, count_adapter_parameters
 from mode.adapters.diagnostics import AdapterDiagnostics
-from mode.data.dataset import SNIData, build_data
+from mode.data.collate import collate_seq2seq, collate_train
+from mode.data.dataset import SNIData, build_data, load_data
 from mode.data.sampling import MixtureSampler
 from mode.errors import ModeError
-from mode.models import load_model_and_tokenizer, non_embedding_parameters
+from mode.models import is_seq2seq, load_model_and_tokenizer, non_embedding_parameters
 from mode.run.config import to_container
 from mode.run.fileio import atomic_write_text
 from mode.run.loggers import make_logger
@@ -28,8 +30,8 @@ from mode.run.provenance import record_attempt
 from mode.run.run_dir import FINISHED, NEW, UNFINISHED, clear_run
 from mode.training.checkpoint import Checkpointer, TrainingProgress, data_fingerprint
 from mode.training.checks import PRECISIONS, check_context
-from mode.training.distributed import accumulation_steps, micro_batch_size, plan_on_main, use_cpu
-from mode.training.losses import AnswerLoss
+from mode.training.distributed import accumulation_steps, data_on_main, micro_batch_size, plan_on_main, use_cpu
+from mode.training.losses import answer_loss
 from mode.training.optim import make_optimizer, make_scheduler
 from mode.training.throughput import compile_layers, enable_checkpointing
 
@@ -45,7 +47,8 @@ class Session:
     model: torch.nn.Module = None
     tokenizer: object = None
     data: SNIData = None
-    loss_module: torch.nn.Module = None   # AnswerLoss(model), wrapped by accelerate (DDP)
+    loss_module: torch.nn.Module = None   # AnswerLoss / Seq2SeqAnswerLoss(model), wrapped by accelerate (DDP)
+    collate: object = collate_train       # rows -> batch: causal (collate_train) or encoder-decoder (collate_seq2seq)
     trainable: list = field(default_factory=list)
     optimizer: object = None
     scheduler: object = None
@@ -93,7 +96,10 @@ def setup(cfg, run_dir) -> Session:
         check_context(cfg, getattr(s.model.config, "max_position_embeddings", None))
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(s.model)
-    s.data = build_data(cfg.data, cfg.eval, s.tokenizer, cache_dir=cfg.paths.get("cache_dir"))
+    seq2seq = is_seq2seq(s.model)  # T5: source to the encoder, answer to the decoder (Tk-Instruct encoding)
+    s.collate = collate_seq2seq if seq2seq else collate_train
+    s.data = data_on_main(accelerator, functools.partial(build_data, cfg.data, cfg.eval, s.tokenizer, seq2seq=seq2seq,
+                                                         cache_dir=cfg.paths.get("cache_dir")), load_data)
     routes_by_task = ("adapter.method='more'" if cfg.adapter.method == "more" else
                       "adapter.router_input='task'" if cfg.adapter.get("router_input", "token") == "task" else None)
     if routes_by_task and set(s.data.eval_tasks) - set(s.data.tasks):
@@ -121,7 +127,7 @@ def setup(cfg, run_dir) -> Session:
     if s.is_main and state == NEW:
         start_run_dir(run_dir, cfg, resolved, s.data)
     accelerator.wait_for_everyone()
-    s.loss_module, s.optimizer = accelerator.prepare(AnswerLoss(s.model), optimizer)
+    s.loss_module, s.optimizer = accelerator.prepare(answer_loss(s.model), optimizer)
     s.progress = TrainingProgress(data_fingerprint=data_fingerprint(s.data.train))
     s.checkpointer = Checkpointer(accelerator, run_dir, s.model, s.scheduler, s.progress,
                                   cfg.train.save_every, cfg.train.keep_checkpoints)

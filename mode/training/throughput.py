@@ -23,14 +23,17 @@ def enable_checkpointing(model) -> None:
 
 
 def compile_layers(model) -> None:
-    """torch.compile each decoder layer in place (regional compilation: one compiled graph serves every
-    layer, so compiling costs one layer's time; module names, and so adapter and checkpoint keys, stay)."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    if layers is None:
-        raise ModeError(f"train.compile=true: {type(model).__name__} has no decoder `layers` to compile")
+    """torch.compile each transformer layer in place (regional compilation: one compiled graph serves every
+    layer, so compiling costs one layer's time; module names, and so adapter and checkpoint keys, stay).
+    Decoder-only: the decoder's `layers`; encoder-decoder (T5): the encoder's and the decoder's `block`s."""
+    stacks = [model.get_encoder(), model.get_decoder()] if getattr(model.config, "is_encoder_decoder", False) \
+        else [model.get_decoder()]
+    layers = [layer for stack in stacks for layer in (getattr(stack, "layers", None) or getattr(stack, "block", None) or [])]
+    if not layers:
+        raise ModeError(f"train.compile=true: {type(model).__name__} has no `layers` (or T5 `block`s) to compile")
     import logging
 
-    logging.getLogger(__name__).info("train.compile=true: the first steps compile the %d decoder layers and take "
+    logging.getLogger(__name__).info("train.compile=true: the first steps compile the %d layers and take "
                                      "much longer than the rest (one graph serves all layers)", len(layers))
     for layer in layers:
         layer.compile()
