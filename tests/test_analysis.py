@@ -199,6 +199,7 @@ class FakeWandb(types.SimpleNamespace):
         return ("image", path)
 
 
+@pytest.mark.slow  # minutes of subprocesses: CI runs it (make test-all)
 def test_cpu_profile_aggregates_every_analysis_identically_twice(tmp_path):
     from mode.report.aggregate import aggregate, render_tables
 

@@ -51,6 +51,7 @@ def test_loop_reference_equals_the_fused_layer(method, shape):
     assert adapter_state_dict(loop).keys() == adapter_state_dict(fused).keys()
 
 
+@pytest.mark.slow  # minutes of subprocesses: CI runs it (make test-all)
 def test_quick_benchmark_writes_the_report(tmp_path):
     only = "floor,peft_lora64,lora64,mode16x4x1,loop_mode16x4x1"
     cmd = [sys.executable, "-m", "benchmarks.bench", "--quick", "--model", "tiny_random", "--rounds", "2",

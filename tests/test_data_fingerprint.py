@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pyarrow.compute as pc
+import pytest
 from conftest import REPO
 from test_data import EVAL, data_cfg
 
@@ -110,6 +111,7 @@ print("RANK", json.dumps({"rank": acc.process_index, "reads": len(reads), "train
 """
 
 
+@pytest.mark.slow  # minutes of subprocesses: CI runs it (make test-all)
 def test_under_torchrun_only_the_main_process_reads_task_files(sni_fixture, tmp_path):
     import json
 

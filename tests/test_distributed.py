@@ -29,6 +29,7 @@ def launch(prefix: list[str], dump, run, sni, env) -> subprocess.CompletedProces
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow  # minutes of subprocesses: CI runs it (make test-all)
 @needs_stories
 def test_two_processes_train_like_one_and_only_rank_0_writes(sni_fixture, tmp_path, monkeypatch):
     import os

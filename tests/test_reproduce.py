@@ -30,6 +30,7 @@ def test_paper_profile_dry_run_lists_jobs_without_a_gpu(tmp_path):
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
 
+@pytest.mark.slow  # minutes of subprocesses: CI runs it (make test-all)
 def test_paper_profile_on_an_8_gpu_node_and_on_slurm_prints_the_commands_a_cluster_runs(tmp_path):
     out = run(DRIVER + ["paper", "--dry-run", "--gpus", "8", "--runs-dir", str(tmp_path)])
     cmds = [line for line in out.splitlines() if line.startswith("+ ")]
@@ -70,6 +71,7 @@ def test_smoke_profile_on_two_processes_per_job_equals_one_process_and_aggregate
     assert "0 to run" in run(DRIVER + ["smoke", "--tables", "table4", "--dry-run", "--runs-dir", str(two)])
 
 
+@pytest.mark.slow  # minutes of subprocesses: CI runs it (make test-all)
 @needs_stories
 @needs_shared_sni
 def test_smoke_profile_end_to_end_reuses_runs_and_reaggregates_identically(tmp_path):

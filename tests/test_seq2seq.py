@@ -184,9 +184,8 @@ def test_batched_generation_equals_one_at_a_time_and_pads_sources_right():
 
 
 # -- end to end ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lora", "mode", "more",
-                                    pytest.param("molora", marks=pytest.mark.slow),
-                                    pytest.param("molora_sd", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["mode", *(pytest.param(m, marks=pytest.mark.slow)  # default suite: one method
+                                              for m in ("lora", "more", "molora", "molora_sd"))])
 def test_every_method_trains_a_t5_through_the_cli_and_mode_eval_reproduces(sni, tmp_path, method):
     run = tmp_path / "run"
     cli("mode.train", *t5_overrides(sni, method), f"hydra.run.dir={run}")

@@ -148,6 +148,7 @@ def train_losses(run) -> list[float]:
 BF16_LOSS_TOLERANCE = 0.02
 
 
+@pytest.mark.slow  # minutes of subprocesses: CI runs it (make test-all)
 def test_throughput_options_through_the_cli(sni_fixture, tmp_path):
     """bf16 + gradient checkpointing + compiled layers in one real run (evaluation runs eagerly), against the
     same run in fp32 without them: every step's training loss within BF16_LOSS_TOLERANCE. The learning rate is
