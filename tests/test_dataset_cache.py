@@ -149,3 +149,75 @@ def test_a_change_to_the_encoding_code_changes_the_key_without_any_version_bump(
         cache_module.code_digest.cache_clear()
     assert len(set(entries(cache)) - before) == 2  # both parts encoded again, under new keys
     assert set(cache_module.TOKEN_SOURCES) <= {p.name for p in edited.iterdir()}
+
+
+def test_equal_cache_keys_always_mean_equal_rows(sni_fixture):
+    """The key is computed from the selection values and the task files, not from the records: across
+    configurations that change the records of one part or the other, two equal keys must never hold
+    different records, and different records must never share a key (planted: a key without the split
+    seed, or without the evaluation cap, fails here)."""
+    from test_tasksets import add_task
+
+    from mode.data.encoding import EncodingConfig, PromptEncoder
+    from mode.data.tasksets import resolve_task_sets
+
+    add_task(sni_fixture, "task504_more", Instances=[{"id": f"m{i}", "input": f"x {i}", "output": [f"y {i}", f"z {i}"]}
+                                                      for i in range(40)])
+    variants = [{}, {"split_seed": 1}, {"eval_fraction": 0.2}, {"max_instances_per_task": 5},
+                {"max_instances_per_task": 5, "split_seed": 1}, {"tasks": ["task504_more", "task001_add_numbers"],
+                                                                  "task_list_file": None},
+                {"tasks": ["task001_add_numbers", "task504_more"], "task_list_file": None},
+                {"protocol": "held_out", "tasks": ["task001_add_numbers"], "task_list_file": None,
+                 "eval_tasks": ["task504_more"]},
+                {"protocol": "held_out", "tasks": ["task001_add_numbers"], "task_list_file": None,
+                 "eval_tasks": ["task504_more"], "held_out_eval_instances": 10},
+                {"protocol": "held_out", "tasks": ["task001_add_numbers", "task002_echo_word"], "task_list_file": None,
+                 "eval_tasks": ["task504_more"]}]
+    evals = [EVAL, OmegaConf.create({"max_instances_per_task": 2})]
+    encoder = PromptEncoder(byte_tokenizer(), EncodingConfig.from_mapping(data_cfg(sni_fixture).encoding))
+    seen: dict[str, str] = {}
+    for variant in variants:
+        cfg = data_cfg(sni_fixture, **variant)
+        sets = resolve_task_sets(cfg)
+        for eval_cfg in evals:
+            chosen = dataset_module.selection(sets, cfg, eval_cfg)
+            for part in ("train", "eval"):
+                records = json.dumps(list(dataset_module.iter_records(sets, chosen, part)), sort_keys=True)
+                key = dataset_module._cache_name(part, sets, chosen, encoder)
+                assert seen.setdefault(key, records) == records, (part, variant, eval_cfg)
+    by_records: dict[str, set] = {}
+    for key, records in seen.items():
+        by_records.setdefault(records, set()).add(key)
+    assert len(seen) >= 16 and all(len(keys) == 1 for keys in by_records.values()), "a needless key change"
+
+
+def test_building_reads_one_task_at_a_time_and_a_changed_file_is_an_error(sni_fixture, tmp_path, monkeypatch):
+    """Bounded memory at full SNI size: task sets hold headers only, and records are streamed task by task
+    (at most one task with instances alive while the part is written; planted: building every record
+    list up front keeps them all)."""
+    import gc
+    import weakref
+
+    from mode.data.tasksets import TaskSets, resolve_task_sets
+
+    assert all(not t.instances for t in resolve_task_sets(data_cfg(sni_fixture)).tasks.values())
+    alive: list[weakref.ref] = []
+    peak = [0]
+    load = TaskSets.load
+
+    def tracked(self, name):
+        gc.collect()
+        peak[0] = max(peak[0], sum(ref() is not None for ref in alive))
+        task = load(self, name)
+        alive.append(weakref.ref(task))
+        return task
+
+    monkeypatch.setattr(TaskSets, "load", tracked)
+    data = build_data(data_cfg(sni_fixture), EVAL, byte_tokenizer(), cache_dir=tmp_path / "cache")
+    assert len(data.train) > 0 and len(alive) >= 2 * len(data.tasks) and peak[0] <= 1
+
+    path = sni_fixture / "tasks" / "task002_echo_word.json"
+    sets = resolve_task_sets(data_cfg(sni_fixture))
+    path.write_text(path.read_text().replace("Repeat the word.", "Repeat the word twice."))
+    with pytest.raises(ModeError, match=r"task002_echo_word.json: changed while the data were being read"):
+        sets.load("task002_echo_word")

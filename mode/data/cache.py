@@ -2,11 +2,13 @@
 `<paths.cache_dir>/sni/<part>-<key>/`, loaded memory-mapped by later runs.
 
 The key hashes everything that changes tokens: the source code that produces them (`code_digest`: edit
-the encoding and the key changes, with no version number to remember to bump), the tokenizer (its full
-serialised vocabulary, merges, normaliser and post-processor, special tokens and chat template), the
-encoding options, the layout (decoder-only or seq2seq), each task file's SHA-256 and every instance to
-encode (id, input, chosen answer or references, task index) — so split seeds, fractions, caps and task
-lists change the key through the instances they select, and nothing that changes tokens can be missed.
+the encoding or the splits and the key changes, with no version number to remember to bump), the tokenizer
+(its full serialised vocabulary, merges, normaliser and post-processor, special tokens and chat template),
+the encoding options, the layout (decoder-only or seq2seq), the selection values a part depends on (split
+seed, evaluation fraction or pool, caps) and each task in order with its task index and its file's
+SHA-256. The records are a function of exactly these (mode/data/dataset.py `_cache_name`; a test builds
+many configurations and checks that equal keys always mean equal rows), so the key costs one read of each
+task file and never a pass over two million instances.
 Writes go to a temporary folder renamed into place under a file lock: concurrent sweep jobs encode once,
 and a crash never leaves a half-written entry. A training entry also stores the digest of its rows
 (`rows_digest`, the checkpoints' data fingerprint), computed once when it is written, so that loading it
@@ -27,8 +29,9 @@ from filelock import FileLock
 
 from mode.errors import ModeError
 
-# The modules whose code decides the cached tokens (reading task files, prompt encoding, the cached rows).
-TOKEN_SOURCES = ("sni.py", "encoding.py", "dataset.py", "cache.py")
+# The modules whose code decides the cached tokens (reading task files, task sets, instance splits, prompt
+# encoding, the cached rows).
+TOKEN_SOURCES = ("sni.py", "tasksets.py", "splits.py", "encoding.py", "dataset.py", "cache.py")
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,23 +139,28 @@ def load_entry(final: Path):
 
 
 def load_or_build(cache_dir, name: str, build, digest=None):
-    """(dataset, stats, rows digest) from `<cache_dir>/sni/<name>/`, or from `build()` (then stored there).
+    """(dataset, stats, rows digest) from `<cache_dir>/sni/<name>/`, or from `build(workdir)` (then stored
+    there; `workdir`: a folder for the build's intermediate Arrow files, removed afterwards, or None with no
+    cache: the build keeps its rows in memory).
 
     `digest` (e.g. `rows_digest`), when given, is computed once on the written entry and stored with it;
     the third element is None otherwise. `cache_dir=None` disables the cache: the result of `build()` is
     returned as is (digest None)."""
     if cache_dir is None:
-        return (*build(), None)
+        return (*build(None), None)
     final = entry_path(cache_dir, name)
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if not (final / "mode_stats.json").is_file():
-            dataset, stats = build()
-            if not len(dataset):  # nothing to keep (and datasets cannot reload a table without rows)
-                return dataset, stats, None
             tmp = final.parent / f".tmp-{name}-{os.getpid()}"
+            work = final.parent / f".work-{name}-{os.getpid()}"  # build's own Arrow files, gone once saved
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
             try:
+                dataset, stats = build(work)
+                if not len(dataset):  # nothing to keep (and datasets cannot reload a table without rows)
+                    return dataset, stats, None
                 with quiet_datasets():
                     dataset.save_to_disk(str(tmp))
                 del dataset  # the in-memory table: from here on, the memory-mapped files
@@ -166,4 +174,5 @@ def load_or_build(cache_dir, name: str, build, digest=None):
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(work, ignore_errors=True)
     return load_entry(final)

@@ -1,8 +1,10 @@
 """From a data config to encoded training and evaluation examples, with a record of what was used.
 
-Instances are selected (task sets, protocol split, caps), then tokenised with `datasets.map` in
-parallel and cached (see `mode.data.cache`): a second run with the same inputs loads Arrow files
-instead of tokenising again. Rows stay memory-mapped; `Rows` reads them like a list of dicts.
+Instances are selected (task sets, protocol split, caps) one task file at a time and streamed into Arrow
+files, then tokenised with `datasets.map` in parallel and cached (see `mode.data.cache`): a second run
+with the same inputs loads Arrow files instead of tokenising again. Memory stays bounded by the largest
+task, not the data (the full SNI: benchmarks/results/data_scale.md). Rows stay memory-mapped; `Rows` reads
+them like a list of dicts.
 
 Several processes (torchrun): the main one builds (`build_data`), the others load what it cached
 (`SNIData.handle` -> `load_data`), so task files are read and hashed once per job, not once per process.
@@ -10,7 +12,6 @@ Several processes (torchrun): the main one builds (`build_data`), the others loa
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -106,52 +107,58 @@ def _int_or_none(data_cfg, key: str, where: str = "data"):
     return value
 
 
-def select_instances(sets: TaskSets, data_cfg, eval_cfg, need_train: bool = True) -> tuple[list[dict], list[dict]]:
-    """Unencoded (train, eval) records under the config's protocol, in task order.
-
-    held_in: each task's instances split (data.eval_fraction, data.split_seed); data.max_instances_per_task
-    caps the training part, eval.max_instances_per_task the evaluation part (first N of a seeded shuffle).
-    held_out: training tasks give a seeded shuffle capped at data.max_instances_per_task; evaluation tasks
-    give Instances[:data.held_out_eval_instances] (default 100), sampled down to eval.max_instances_per_task.
-    """
-    train_cap = _int_or_none(data_cfg, "max_instances_per_task")
-    eval_cap = _int_or_none(eval_cfg, "max_instances_per_task", "eval")
-    seed = data_cfg.get("split_seed", 0)
-    train: list[dict] = []
-    evaluation: list[dict] = []
-
-    def add_train(task: Task, instances: list[dict]) -> None:
-        index = sets.task_index(task.name)
-        for inst in instances:
-            # Several references: train on one, chosen by a seeded draw per instance (as Tk-Instruct does).
-            answer = random.Random(stable_seed(seed, inst["id"])).choice(inst["output"])
-            train.append({"id": inst["id"], "task": task.name, "task_index": index, "input": inst["input"],
-                          "answer": answer})
-
-    def add_eval(task: Task, instances: list[dict]) -> None:
-        index = sets.task_index(task.name)
-        for inst in instances:
-            evaluation.append({"id": inst["id"], "task": task.name, "task_index": index, "input": inst["input"],
-                               "references": inst["output"], "categories": task.categories})
-
+def selection(sets: TaskSets, data_cfg, eval_cfg) -> dict:
+    """The config values that decide which instances each part holds, checked; with the task sets and their
+    files' SHA-256 they determine every record (`iter_records`), so they key the cache (`_cache_name`)."""
+    chosen = {"protocol": sets.protocol, "split_seed": data_cfg.get("split_seed", 0),
+              "train_cap": _int_or_none(data_cfg, "max_instances_per_task"),
+              "eval_cap": _int_or_none(eval_cfg, "max_instances_per_task", "eval")}
     if sets.protocol == "held_in":
         fraction = data_cfg.get("eval_fraction", 0.1)
-        if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ModeError(f"data.eval_fraction={fraction!r} must be a number between 0 and 1")
-        for name in sets.train:
-            task = sets.tasks[name]
-            train_part, eval_part = held_in_split(task, fraction, seed)
-            if need_train:
-                add_train(task, train_part[:train_cap] if train_cap else train_part)
-            add_eval(task, eval_part[:eval_cap] if eval_cap else eval_part)
+        chosen["eval_fraction"] = fraction
     else:
-        pool = _int_or_none(data_cfg, "held_out_eval_instances") or HELD_OUT_EVAL_POOL
-        if need_train:
-            for name in sets.train:
-                add_train(sets.tasks[name], held_out_train(sets.tasks[name], train_cap, seed))
-        for name in sets.eval:
-            add_eval(sets.tasks[name], held_out_eval(sets.tasks[name], pool, eval_cap, seed))
-    return train, evaluation
+        chosen["pool"] = _int_or_none(data_cfg, "held_out_eval_instances") or HELD_OUT_EVAL_POOL
+    return chosen
+
+
+# What each part's records depend on, besides the tasks (the rest of `selection` cannot change them).
+PART_SELECTION = {"train": ("protocol", "split_seed", "train_cap", "eval_fraction"),
+                  "eval": ("protocol", "split_seed", "eval_cap", "eval_fraction", "pool")}
+
+
+def iter_records(sets: TaskSets, chosen: dict, part: str):
+    """Unencoded records of one part ("train" or "eval") under a `selection`, in task order, reading one
+    task file at a time (memory bounded by the largest task, not the data).
+
+    held_in: each task's instances split (eval_fraction, split_seed); train_cap caps the training part,
+    eval_cap the evaluation part (first N of a seeded shuffle). held_out: training tasks give a seeded
+    shuffle capped at train_cap; evaluation tasks give Instances[:pool] (default 100), sampled down to
+    eval_cap."""
+    seed, held_in = chosen["split_seed"], chosen["protocol"] == "held_in"
+    for name in sets.train if part == "train" else sets.eval:
+        task = sets.load(name)
+        index = sets.task_index(name)
+        if part == "train":
+            instances = (held_in_split(task, chosen["eval_fraction"], seed)[0][: chosen["train_cap"]] if held_in
+                         else held_out_train(task, chosen["train_cap"], seed))
+            for inst in instances:
+                # Several references: train on one, chosen by a seeded draw per instance (as Tk-Instruct does).
+                answer = random.Random(stable_seed(seed, inst["id"])).choice(inst["output"])
+                yield {"id": inst["id"], "task": name, "task_index": index, "input": inst["input"], "answer": answer}
+        else:
+            instances = (held_in_split(task, chosen["eval_fraction"], seed)[1][: chosen["eval_cap"]] if held_in
+                         else held_out_eval(task, chosen["pool"], chosen["eval_cap"], seed))
+            for inst in instances:
+                yield {"id": inst["id"], "task": name, "task_index": index, "input": inst["input"],
+                       "references": inst["output"], "categories": task.categories}
+
+
+def select_instances(sets: TaskSets, data_cfg, eval_cfg, need_train: bool = True) -> tuple[list[dict], list[dict]]:
+    """Unencoded (train, eval) records under the config's protocol, in task order, as lists (`iter_records`)."""
+    chosen = selection(sets, data_cfg, eval_cfg)
+    return (list(iter_records(sets, chosen, "train")) if need_train else [], list(iter_records(sets, chosen, "eval")))
 
 
 def _encode_batch(batch: dict, encoder: PromptEncoder, tasks: dict[str, Task], part: str) -> dict:
@@ -164,10 +171,12 @@ def _encode_batch(batch: dict, encoder: PromptEncoder, tasks: dict[str, Task], p
     for name, rows in by_task.items():
         for i, encoded in zip(rows, encoder.prompts(tasks[name], [batch["input"][i] for i in rows])):
             prompts[i] = encoded
-    out = {"id": batch["id"], "task": batch["task"], "task_index": batch["task_index"]}
+    out = {"id": batch["id"], "task": batch["task"], "task_index": batch["task_index"],
+           "empty_input": [not x.strip() for x in batch["input"]]}
     if part == "eval":
         out.update(categories=batch["categories"], references=batch["references"],
-                   prompt_ids=[p for p, _ in prompts], prompt_cut=[cut for _, cut in prompts])
+                   prompt_ids=[p for p, _ in prompts], prompt_cut=[cut for _, cut in prompts],
+                   empty_references=[sum(not ref.strip() for ref in refs) for refs in batch["references"]])
         return out
     answers = encoder.answers(batch["answer"])
     out.update(input_ids=[p + a for (p, _), (a, _) in zip(prompts, answers)],
@@ -187,67 +196,97 @@ def _num_proc(data_cfg, n_records: int) -> int:
     return max(1, min(cores, 8)) if n_records >= 4000 else 1  # worker start-up costs more for small sets
 
 
-def _encode(records: list[dict], part: str, encoder: PromptEncoder, tasks: dict[str, Task], num_proc: int,
-            fingerprint: str):
-    """Encode records with datasets.map; returns (dataset, per-task counts)."""
+RAW_FEATURES = {"train": {"answer": "string"}, "eval": {"references": ["string"], "categories": ["string"]}}
+# Per-row counts kept in the stats, then dropped from the rows: {column: stats key}.
+COUNTED = {"train": {"dropped": "train_dropped_overlong", "answer_cut": "train_answers_truncated",
+                     "empty_input": "train_empty_inputs"},
+           "eval": {"prompt_cut": "eval_prompts_truncated", "empty_input": "eval_empty_inputs",
+                    "empty_references": "eval_empty_references"}}
+STATS_BATCH = 65536
+
+
+def _records(sets: TaskSets, chosen: dict, part: str, workdir: Path | None):
+    """The part's records as a `datasets.Dataset` written from `iter_records` into Arrow files under
+    `workdir` (memory-mapped: any data size fits), or held in memory when there is no workdir (no cache)."""
+    import tempfile
+
     from datasets import Dataset, Features, Sequence, Value
 
-    features = {"id": Value("string"), "task": Value("string"), "task_index": Value("int32")}
+    columns = {"id": "string", "task": "string", "task_index": "int32", "input": "string", **RAW_FEATURES[part]}
+    features = Features({k: Sequence(Value(v[0])) if isinstance(v, list) else Value(v) for k, v in columns.items()})
+    if next(iter_records(sets, chosen, part), None) is None:  # datasets cannot generate a table without rows
+        return Dataset.from_dict({k: [] for k in columns}, features=features)
+    kwargs = {"features": features, "gen_kwargs": {"sets": sets, "chosen": chosen, "part": part}}
+    if workdir is not None:
+        return Dataset.from_generator(iter_records, cache_dir=str(workdir), **kwargs)
+    with tempfile.TemporaryDirectory() as scratch:
+        return Dataset.from_generator(iter_records, cache_dir=scratch, keep_in_memory=True, **kwargs)
+
+
+def _encode(sets: TaskSets, chosen: dict, part: str, encoder: PromptEncoder, data_cfg, fingerprint: str,
+            workdir: Path | None = None):
+    """Encode a part's records with datasets.map; returns (dataset, per-task counts)."""
+    from datasets import Features, Sequence, Value
+
+    features = {"id": Value("string"), "task": Value("string"), "task_index": Value("int32"),
+                "empty_input": Value("bool")}
     if part == "eval":
         features.update(categories=Sequence(Value("string")), references=Sequence(Value("string")),
-                        prompt_ids=Sequence(Value("int32")), prompt_cut=Value("bool"))
+                        prompt_ids=Sequence(Value("int32")), prompt_cut=Value("bool"),
+                        empty_references=Value("int32"))
     else:
         features.update(input_ids=Sequence(Value("int32")), prompt_length=Value("int32"), length=Value("int32"),
                         dropped=Value("bool"), answer_cut=Value("bool"))
-    flags = ["prompt_cut"] if part == "eval" else ["dropped", "answer_cut"]
-    if not records:  # map() over nothing would not even produce the columns
-        kept = Features({k: v for k, v in features.items() if k not in flags})
+    raw = _records(sets, chosen, part, workdir)
+    counted = COUNTED[part]
+    if not len(raw):  # map() over nothing would not even produce the columns
+        from datasets import Dataset
+
+        kept = Features({k: v for k, v in features.items() if k not in counted})
         return Dataset.from_dict({k: [] for k in kept}, features=kept), {}
-    headers = {name: dataclasses.replace(task, instances=[]) for name, task in tasks.items()}  # small to ship
-    raw = Dataset.from_list(records)
-    n_tasks = len({r["task"] for r in records})
+    num_proc = _num_proc(data_cfg, len(raw))
+    names = sets.train if part == "train" else sets.eval
     encoded = raw.map(_encode_batch, batched=True, batch_size=256, remove_columns=raw.column_names,
-                      features=Features(features), num_proc=num_proc if num_proc > 1 and len(records) > 1 else None,
+                      features=Features(features), num_proc=num_proc if num_proc > 1 and len(raw) > 1 else None,
                       new_fingerprint=fingerprint,  # ours; datasets need not hash the tokenizer itself
-                      fn_kwargs={"encoder": encoder, "tasks": headers, "part": part},
-                      desc=f"tokenising {part} ({len(records)} instances, {n_tasks} tasks)")
+                      fn_kwargs={"encoder": encoder, "tasks": sets.tasks, "part": part},
+                      desc=f"tokenising {part} ({len(raw)} instances, {len(names)} tasks)")
     stats: dict[str, dict] = {}
-    if part == "eval":
-        for name, cut in zip(encoded["task"], encoded["prompt_cut"]):
-            s = stats.setdefault(name, {"eval": 0, "eval_prompts_truncated": 0})
-            s["eval"] += 1
-            s["eval_prompts_truncated"] += int(cut)
-        return encoded.remove_columns(flags), stats
-    dropped = encoded["dropped"]
-    for name, drop, cut in zip(encoded["task"], dropped, encoded["answer_cut"]):
-        s = stats.setdefault(name, {"train": 0, "train_dropped_overlong": 0, "train_answers_truncated": 0})
-        s["train"] += int(not drop)
-        s["train_dropped_overlong"] += int(drop)
-        s["train_answers_truncated"] += int(cut and not drop)
-    if any(dropped):
-        encoded = encoded.select([i for i, d in enumerate(dropped) if not d])
-    return encoded.remove_columns(flags), stats
+    dropped: list[int] = []
+    row = 0
+    for batch in encoded.select_columns(["task", *counted]).iter(batch_size=STATS_BATCH):  # bounded memory
+        for i, name in enumerate(batch["task"]):
+            s = stats.setdefault(name, {"train": 0} if part == "train" else {"eval": 0})
+            values = {key: int(batch[column][i]) for column, key in counted.items()}
+            if part == "train" and values["train_dropped_overlong"]:
+                dropped.append(row + i)
+                values["train_answers_truncated"] = 0  # counted as dropped, not as cut
+            else:
+                s[part] += 1
+            for key, value in values.items():
+                s[key] = s.get(key, 0) + value
+        row += len(batch["task"])
+    if dropped:
+        kept = sorted(set(range(len(encoded))) - set(dropped))
+        encoded = encoded.select(kept)
+    return encoded.remove_columns(list(counted)), stats
 
 
-def _cache_name(part: str, records: list[dict], encoder: PromptEncoder, tasks: dict[str, Task]) -> str:
-    key = Key(part, tokenizer_fingerprint(encoder.tok), sorted(encoder.cfg.as_dict().items()), encoder.seq2seq)
-    for name in sorted({r["task"] for r in records}):
-        key.update(name, tasks[name].fingerprint)
-    for r in records:
-        key.update(r["id"], r["task"], r["task_index"], r["input"], r.get("answer", ""),
-                   *r.get("references", ()), "\x1e")
+def _cache_name(part: str, sets: TaskSets, chosen: dict, encoder: PromptEncoder) -> str:
+    """The part's cache entry: the tokenizer, the encoding, the selection values its records depend on
+    (`PART_SELECTION`) and, per task in order, its name, task index and file SHA-256. Records are a
+    function of these and of the code (`code_digest`), so equal keys mean equal rows (tested) and the
+    key costs one read of each file, not a pass over the instances."""
+    key = Key(part, tokenizer_fingerprint(encoder.tok), sorted(encoder.cfg.as_dict().items()), encoder.seq2seq,
+              sorted((k, chosen.get(k)) for k in PART_SELECTION[part]))
+    for name in sets.train if part == "train" else sets.eval:
+        key.update(name, sets.task_index(name), sets.tasks[name].fingerprint, "\x1e")
     return f"{part}-{key.hexdigest()}"
 
 
-def _count_empty(stats: dict[str, dict], train_records: list[dict], eval_records: list[dict]) -> None:
+def _warn_empty(stats: dict[str, dict]) -> None:
     """Empty inputs and empty reference strings are kept, as SNI's own evaluation keeps them; they are
     counted per task so a user sees them in data_stats.json (and in one warning)."""
-    for part, records in (("train", train_records), ("eval", eval_records)):
-        for r in records:
-            if not r["input"].strip():
-                stats[r["task"]][f"{part}_empty_inputs"] += 1
-    for r in eval_records:
-        stats[r["task"]]["eval_empty_references"] += sum(not ref.strip() for ref in r["references"])
     totals = {key: sum(s[key] for s in stats.values())
               for key in ("train_empty_inputs", "eval_empty_inputs", "eval_empty_references")}
     if any(totals.values()):
@@ -261,20 +300,14 @@ def build_data(data_cfg, eval_cfg, tokenizer, *, need_train: bool = True, cache_
     describe the training and evaluation examples of a data config."""
     sets = resolve_task_sets(data_cfg)
     encoder = PromptEncoder(tokenizer, EncodingConfig.from_mapping(data_cfg.encoding), seq2seq=seq2seq)
-    train_records, eval_records = select_instances(sets, data_cfg, eval_cfg, need_train)
-    for name, task in sets.tasks.items():  # the records hold what encoding needs: free the parsed instances
-        sets.tasks[name] = dataclasses.replace(task, instances=[])
+    chosen = selection(sets, data_cfg, eval_cfg)
     if not data_cfg.get("cache", True):
         cache_dir = None
     parts, sources = {}, {}
-    for part, records in (("train", train_records), ("eval", eval_records)):
-        if part == "train" and not need_train:
-            continue
-        num_proc = _num_proc(data_cfg, len(records))
-        name = _cache_name(part, records, encoder, sets.tasks)
-        parts[part] = load_or_build(cache_dir, name, functools.partial(
-            _encode, records, part, encoder, sets.tasks, num_proc, name),
-            digest=rows_digest if part == "train" else None)
+    for part in ("train", "eval") if need_train else ("eval",):
+        name = _cache_name(part, sets, chosen, encoder)
+        parts[part] = load_or_build(cache_dir, name, functools.partial(_encode, sets, chosen, part, encoder, data_cfg,
+                                                                       name), digest=rows_digest if part == "train" else None)
         if cache_dir is not None and len(parts[part][0]):
             sources[part] = str(entry_path(cache_dir, name))
     if need_train and not len(parts["train"][0]):
@@ -286,7 +319,7 @@ def build_data(data_cfg, eval_cfg, tokenizer, *, need_train: bool = True, cache_
                        "eval_empty_references": 0}
         for _, part_stats, _ in parts.values():
             stats[name].update(part_stats.get(name, {}))
-    _count_empty(stats, train_records if need_train else [], eval_records)
+    _warn_empty(stats)
     dropped = sum(s["train_dropped_overlong"] for s in stats.values())
     if dropped:
         log.warning("%d training instances dropped: their query alone exceeds max_source_length", dropped)
@@ -296,4 +329,3 @@ def build_data(data_cfg, eval_cfg, tokenizer, *, need_train: bool = True, cache_
                    train=Rows(parts["train"][0], parts["train"][2]) if "train" in parts else Rows(Dataset.from_dict({})),
                    eval=Rows(parts["eval"][0]), stats=stats, eval_tasks=sets.eval, protocol=sets.protocol,
                    sources=sources)
-

@@ -10,9 +10,11 @@ that must not share a task with the first. Tasks whose languages are not all Eng
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
-from mode.data.sni import Task, category_key, check_sni_dir, load_task, requested_tasks, select_tasks
+from mode.data.sni import Task, category_key, check_sni_dir, load_task, requested_tasks, select_tasks, task_path
 from mode.errors import ModeError
 
 PROTOCOLS = ("held_in", "held_out")
@@ -24,7 +26,16 @@ class TaskSets:
     train: list[str]            # training tasks in order: task index = position
     eval: list[str]             # evaluated tasks in order (the training tasks under held_in)
     absent: list[str]           # requested but without a file (only with data.allow_missing_tasks)
-    tasks: dict[str, Task]      # every selected task, loaded and checked
+    tasks: dict[str, Task]      # every selected task, checked; headers only (instances: `load`)
+    sni_dir: Path | None = None
+
+    def load(self, name: str) -> Task:
+        """One task with its instances, read again from its file: the full data never sit in memory at
+        once. A file that changed since the task sets were resolved is an error, not a silent mix."""
+        task = load_task(self.sni_dir, name)
+        if task.fingerprint != self.tasks[name].fingerprint:
+            raise ModeError(f"{task_path(self.sni_dir, name)}: changed while the data were being read; rerun")
+        return task
 
     def task_index(self, name: str) -> int:
         """Training tasks: their position. Held-out evaluation tasks, never trained on, continue the
@@ -105,7 +116,8 @@ def resolve_task_sets(data_cfg) -> TaskSets:
                 raise ModeError(f"data.{key} is set but data.protocol=held_in evaluates the training tasks "
                                 "(use data.protocol=held_out)")
         evaluation = train
-    tasks = {name: load_task(sni_dir, name) for name in dict.fromkeys(train + evaluation)}
+    # Headers only: a task's instances are read when its records are made (TaskSets.load), one at a time.
+    tasks = {name: dataclasses.replace(load_task(sni_dir, name), instances=[]) for name in dict.fromkeys(train + evaluation)}
     keep = _category_filter(tasks, data_cfg)
     if keep is not None:
         train = [n for n in train if keep(n)]
@@ -115,4 +127,4 @@ def resolve_task_sets(data_cfg) -> TaskSets:
                         + ("training" if not train else "evaluation") + " task")
     tasks = {name: tasks[name] for name in dict.fromkeys(train + evaluation)}
     _check_english(list(tasks.values()), bool(data_cfg.get("allow_non_english", False)))
-    return TaskSets(protocol=protocol, train=train, eval=evaluation, absent=absent, tasks=tasks)
+    return TaskSets(protocol=protocol, train=train, eval=evaluation, absent=absent, tasks=tasks, sni_dir=sni_dir)
