@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import shutil
@@ -44,7 +45,7 @@ def child(args) -> None:
     from accelerate import Accelerator
     from transformers import AutoTokenizer
 
-    from mode.data.dataset import build_data, load_data
+    from mode.data.dataset import _num_proc, build_data, load_data
     from mode.models import resolve_model_path
     from mode.run.config import compose
     from mode.training.checkpoint import data_fingerprint
@@ -67,6 +68,7 @@ def child(args) -> None:
         "rank": accelerator.process_index, "seconds": seconds, "rss_before": before, "peak_rss": _status("VmHWM"),
         "rss_end": _status("VmRSS"), "rss_anon_end": _status("RssAnon"), "rss_file_end": _status("RssFile"),
         "workers_peak_rss": children, "tasks": len(data.tasks), "train": len(task_column), "eval": len(data.eval),
+        "tokenising_workers": _num_proc(cfg.data, len(task_column)),
         "fingerprint": fingerprint}), flush=True)
     accelerator.wait_for_everyone()
 
@@ -116,9 +118,38 @@ def run(args) -> dict:
         raise SystemExit(f"the data fingerprint differs between processes or runs: {sorted(prints)}")
     first = runs[0]["ranks"][0]
     readme = sni / "README.md"  # make_synthetic_sni.py says there what it wrote (scale, cap, counts)
+    upstream = manifest_instances(sni / "manifest.tsv")
     return {"sni_dir": str(sni), "sni_note": readme.read_text().strip() if readme.is_file() else "", "sni_json_bytes": folder_bytes(sni / "tasks", "*.json"), "cache_bytes": cache_bytes,
             "tasks": first["tasks"], "train": first["train"], "eval": first["eval"], "fingerprint": prints.pop(),
-            "overrides": args.overrides, "runs": runs, "goals": GOALS, "verdict": verdict(runs)}
+            "overrides": args.overrides, "runs": runs, "goals": GOALS, "verdict": verdict(runs),
+            "instances_written": upstream[1], "instances_upstream": upstream[0]}
+
+
+def manifest_instances(path: Path) -> tuple[int | None, int | None]:
+    """(upstream, written) instance totals of a synthetic folder's manifest.tsv (None, None without one)."""
+    if not path.is_file():
+        return None, None
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
+    return sum(int(r[2]) for r in rows), sum(int(r[3]) for r in rows)
+
+
+def projection(result: dict) -> list[str]:
+    """The first build at full upstream size, projected from this run's own throughput (tokenising is linear in
+    the instances and divides over the workers; reading, writing and digesting are a small part)."""
+    written, upstream = result.get("instances_written"), result.get("instances_upstream")
+    builds = [(r, k) for r in result["runs"] if r["run"] == "first build" for k in r["ranks"] if k["rank"] == 0]
+    if not written or not upstream or not builds or "tokenising_workers" not in builds[0][1]:
+        return []
+    lines = ["", f"Projection to the full upstream size ({upstream:,} instances; this folder has {written:,}), "
+             "from each first build's own rate:", "",
+             "| processes | tokenising workers | instances/s | per worker | full size, these workers (min) "
+             "| workers for the 30 min goal |", "|---|---|---|---|---|---|"]
+    for run_, rank0 in builds:
+        rate = written / rank0["seconds"]
+        workers = rank0["tokenising_workers"]
+        lines.append(f"| {run_['processes']} | {workers} | {rate:.0f} | {rate / workers:.0f} | "
+                     f"{upstream / rate / 60:.0f} | {math.ceil(upstream / (rate / workers) / GOALS['first_build_s'])} |")
+    return lines
 
 
 def verdict(runs: list[dict]) -> dict:
@@ -160,6 +191,7 @@ def render(result: dict, run_info: dict) -> str:
     for key, v in result["verdict"].items():
         shown = "n/a" if v["measured"] is None else f"{v['measured']:.2f}"
         lines.append(f"| {names[key]} | {shown} | {v['goal']} | {'yes' if v['met'] else 'NO'} |")
+    lines += projection(result)
     lines += ["", "Every process and run computed the same data fingerprint "
               f"(`{result['fingerprint'][:16]}…`). Growth counts the file pages a process maps (shared with the page "
               "cache and with the other process) as well as its own memory: an upper bound on what it adds."]

@@ -9,7 +9,15 @@ import torch
 from conftest import STORIES
 from torch import nn
 
-from mode.adapters import adapter_context, adapter_state_dict, apply_adapters, merge_adapters, unmerge_adapters
+from mode.adapters import (
+    adapter_context,
+    adapter_state_dict,
+    apply_adapters,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+    unmerge_adapters,
+)
 from mode.errors import ModeError
 
 P, Q = 12, 10
@@ -41,6 +49,24 @@ def adapted(method, seed=0, **kw):
         for t in adapter_state_dict(model).values():
             t.normal_(std=0.5)
     return model
+
+
+ADAPTER_KEYS = ("lora_", "router", "selector", "task_embedding")
+
+
+def check_save_load_round_trip(model, config, folder, x: torch.Tensor, task_ids=None) -> None:
+    """Saved adapters loaded into a fresh model of the same class (built without arguments), with the same base
+    weights and config, give the same outputs bit for bit (under `task_ids` when given)."""
+    save_adapters(model, folder)
+    fresh = type(model)()
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
+                           if not any(part in k for part in ADAPTER_KEYS)})
+    fresh = load_adapters(apply_adapters(fresh, config), folder)
+    ids = None if task_ids is None else torch.tensor(task_ids)
+    with adapter_context(model, task_ids=ids):
+        expected = model(x)
+    with adapter_context(fresh, task_ids=ids):
+        assert torch.equal(fresh(x), expected)
 
 
 def check_merge_round_trip(model, x: torch.Tensor, tasks=range(3)) -> None:

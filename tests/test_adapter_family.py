@@ -16,6 +16,7 @@ from helpers import (
     cfg,
     check_merge_round_trip,
     check_one_task_merged,
+    check_save_load_round_trip,
     check_task_id_refusals,
     count_addmm,
 )
@@ -234,18 +235,7 @@ def test_token_routed_methods_refuse_to_merge_and_change_nothing(method):
 # -- save / load -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,kw", CASES)
 def test_save_load_round_trip_reproduces_outputs_exactly(tmp_path, method, kw):
-    model = adapted(method, **kw)
-    save_adapters(model, tmp_path)
-    fresh = Tiny()
-    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
-                           if "lora_" not in k and "router" not in k and "selector" not in k})
-    fresh = apply_adapters(fresh, cfg(method, **kw))
-    load_adapters(fresh, tmp_path)
-    x = torch.randn(2, 3, P)
-    with adapter_context(model, task_ids=torch.tensor([0, 2])):
-        expected = model(x)
-    with adapter_context(fresh, task_ids=torch.tensor([0, 2])):
-        assert torch.equal(fresh(x), expected)
+    check_save_load_round_trip(adapted(method, **kw), cfg(method, **kw), tmp_path, torch.randn(2, 3, P), [0, 2])
 
 
 @pytest.mark.parametrize("saved,loaded,match", [

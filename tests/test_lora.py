@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import check_save_load_round_trip
 from torch import nn
 
-from mode.adapters import (
-    adapter_state_dict,
-    apply_adapters,
-    count_adapter_parameters,
-    load_adapters,
-    merge_adapters,
-    save_adapters,
-    unmerge_adapters,
-)
+from mode import adapters
 from mode.errors import ModeError
 
 
@@ -38,14 +31,14 @@ def lora_cfg(**kw):
 
 def randomise_B(model):
     with torch.no_grad():
-        for name, t in adapter_state_dict(model).items():
+        for name, t in adapters.adapter_state_dict(model).items():
             if name.endswith("lora_B"):
                 t.normal_()
 
 
 def test_output_equals_formula():
     torch.manual_seed(0)
-    model = apply_adapters(Tiny(), lora_cfg())
+    model = adapters.apply_adapters(Tiny(), lora_cfg())
     randomise_B(model)
     layer = model.blocks[0]["q_proj"]
     x = torch.randn(3, 5, 12)
@@ -55,15 +48,15 @@ def test_output_equals_formula():
 
 
 def test_freezes_base_and_counts_parameters():
-    model = apply_adapters(Tiny(), lora_cfg())
+    model = adapters.apply_adapters(Tiny(), lora_cfg())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     # r(P+Q) per layer: q 12->10, o 10->12, two blocks
-    assert count_adapter_parameters(model) == 2 * (4 * (12 + 10) + 4 * (10 + 12))
+    assert adapters.count_adapter_parameters(model) == 2 * (4 * (12 + 10) + 4 * (10 + 12))
 
 
 def test_tensor_names_and_shapes_follow_the_spec():
-    state = adapter_state_dict(apply_adapters(Tiny(), lora_cfg()))
+    state = adapters.adapter_state_dict(adapters.apply_adapters(Tiny(), lora_cfg()))
     assert state["blocks.0.q_proj.lora_A"].shape == (4, 12)
     assert state["blocks.0.q_proj.lora_B"].shape == (10, 4)
     assert len(state) == 8
@@ -74,46 +67,40 @@ def test_initial_adapter_is_a_no_op():
     plain = Tiny()
     x = torch.randn(2, 12)
     expected = plain(x)
-    torch.testing.assert_close(apply_adapters(plain, lora_cfg())(x), expected)
+    torch.testing.assert_close(adapters.apply_adapters(plain, lora_cfg())(x), expected)
 
 
 def test_merge_unmerge_equivalence():
     torch.manual_seed(0)
-    model = apply_adapters(Tiny(), lora_cfg())
+    model = adapters.apply_adapters(Tiny(), lora_cfg())
     randomise_B(model)
     x = torch.randn(4, 12)
     before = model(x)
-    merge_adapters(model)
+    adapters.merge_adapters(model)
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
-    unmerge_adapters(model)
+    adapters.unmerge_adapters(model)
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = apply_adapters(Tiny(), lora_cfg())
+    model = adapters.apply_adapters(Tiny(), lora_cfg())
     randomise_B(model)
-    save_adapters(model, tmp_path)
-    x = torch.randn(4, 12)
-    torch.manual_seed(1)
-    fresh = Tiny()
-    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k})
-    fresh = apply_adapters(fresh, lora_cfg())
-    load_adapters(fresh, tmp_path)
-    assert torch.equal(fresh(x), model(x))
+    torch.manual_seed(1)  # the fresh copy's adapters start elsewhere: loading must overwrite them
+    check_save_load_round_trip(model, lora_cfg(), tmp_path, torch.randn(4, 12))
 
 
 def test_load_rejects_a_shape_mismatch_naming_the_tensor(tmp_path):
-    save_adapters(apply_adapters(Tiny(), lora_cfg()), tmp_path)
-    other = apply_adapters(Tiny(), lora_cfg(rank=2))
+    adapters.save_adapters(adapters.apply_adapters(Tiny(), lora_cfg()), tmp_path)
+    other = adapters.apply_adapters(Tiny(), lora_cfg(rank=2))
     with pytest.raises(ModeError, match=r"blocks\.0\.(q|o)_proj\.lora_[AB].*shape"):
-        load_adapters(other, tmp_path)
+        adapters.load_adapters(other, tmp_path)
 
 
 def test_load_rejects_missing_tensors(tmp_path):
-    save_adapters(apply_adapters(Tiny(), lora_cfg(target_modules=["q_proj"])), tmp_path)
+    adapters.save_adapters(adapters.apply_adapters(Tiny(), lora_cfg(target_modules=["q_proj"])), tmp_path)
     with pytest.raises(ModeError, match="missing tensor 'blocks.0.o_proj.lora_A'"):
-        load_adapters(apply_adapters(Tiny(), lora_cfg()), tmp_path)
+        adapters.load_adapters(adapters.apply_adapters(Tiny(), lora_cfg()), tmp_path)
 
 
 @pytest.mark.parametrize("cfg,match", [
@@ -125,12 +112,12 @@ def test_load_rejects_missing_tensors(tmp_path):
 ])
 def test_bad_configs_are_clear_errors(cfg, match):
     with pytest.raises(ModeError, match=match):
-        apply_adapters(Tiny(), cfg)
+        adapters.apply_adapters(Tiny(), cfg)
 
 
 def test_adapter_stays_float32_under_a_bf16_base():
     torch.manual_seed(0)
-    model = apply_adapters(Tiny().to(torch.bfloat16), lora_cfg())
+    model = adapters.apply_adapters(Tiny().to(torch.bfloat16), lora_cfg())
     layer = model.blocks[0]["q_proj"]
     assert layer.lora_A.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
     assert layer(torch.randn(2, 12, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -16,17 +16,7 @@ from safetensors.torch import load_file
 from test_train_eval import cli
 from torch import nn
 
-from mode.adapters import (
-    adapter_context,
-    adapter_layers,
-    adapter_state_dict,
-    apply_adapters,
-    count_adapter_parameters,
-    load_adapters,
-    merge_adapters,
-    save_adapters,
-    unmerge_adapters,
-)
+from mode import adapters
 from mode.adapters.config import AdapterConfig
 from mode.adapters.io import CONFIG_FILE, lora_factors, peft_lora
 from mode.errors import ModeError
@@ -51,26 +41,26 @@ def tiny(mode: str, seed: int = 0) -> nn.Module:
     """A Tiny MoRE model (the same base for every seed) with every adapter tensor random (non-zero B, drawn
     from `seed`), so each term of the delta matters."""
     torch.manual_seed(0)
-    model = apply_adapters(Tiny(), {"method": "more", "rank": R, "alpha": 8, "num_tasks": T,
+    model = adapters.apply_adapters(Tiny(), {"method": "more", "rank": R, "alpha": 8, "num_tasks": T,
                                     "target_modules": ["q_proj", "o_proj"], "task_embedding": mode})
     torch.manual_seed(seed)
     with torch.no_grad():
-        for tensor in adapter_state_dict(model).values():
+        for tensor in adapters.adapter_state_dict(model).values():
             tensor.normal_(std=0.5)
     return model
 
 
 def run(model, x, ids):
-    with adapter_context(model, task_ids=torch.tensor(ids)):
+    with adapters.adapter_context(model, task_ids=torch.tensor(ids)):
         return model(x)
 
 
 # -- parameter counts -----------------------------------------------------------------------------------
 def test_counts_equal_the_hand_formulas():
     # per_module, per layer: R(P+Q) + T*P + R*P + R;  q: 4*22 + 3*12 + 4*12 + 4 = 176, o: 4*22 + 3*10 + 4*10 + 4 = 162
-    assert count_adapter_parameters(tiny("per_module")) == 176 + 162
+    assert adapters.count_adapter_parameters(tiny("per_module")) == 176 + 162
     # shared: T*E once (E = 12, q_proj's input) + per layer R(P+Q) + R*E + R = 4*22 + 4*12 + 4 = 140, twice
-    assert count_adapter_parameters(tiny("shared")) == 3 * 12 + 140 + 140
+    assert adapters.count_adapter_parameters(tiny("shared")) == 3 * 12 + 140 + 140
 
 
 @pytest.mark.parametrize("mode,total,embeddings", [
@@ -99,18 +89,18 @@ def test_gemma_2b_split_lora_selectors_task_embedding(mode, total, embeddings):
 # -- one tensor, trained ----------------------------------------------------------------------------------
 def test_shared_is_one_parameter_held_by_every_layer():
     model = tiny("shared")
-    tables = [layer.selector.task_embedding for _, layer in adapter_layers(model)]
+    tables = [layer.selector.task_embedding for _, layer in adapters.adapter_layers(model)]
     assert all(t is tables[0] for t in tables) and isinstance(tables[0], nn.Parameter)
     assert sum(p is tables[0] for p in model.parameters()) == 1  # an optimizer sees it once
-    state = adapter_state_dict(model)
+    state = adapters.adapter_state_dict(model)
     assert [k for k in state if k.endswith("task_embedding")] == ["selector.task_embedding"]
     assert state["selector.task_embedding"].data_ptr() == tables[0].data_ptr()
     # every selector reads the table (width 12); only q_proj's input has that width, so only it compares
-    layers = dict(adapter_layers(model))
+    layers = dict(adapters.adapter_layers(model))
     assert layers["o_proj"].selector.weight.shape == (R, P)
     assert layers["q_proj"].contrastive_weight == 0.1 and layers["o_proj"].contrastive_weight == 0.0
     # per_module keeps one table per layer, in the layer's input space
-    per = dict(adapter_layers(tiny("per_module")))
+    per = dict(adapters.adapter_layers(tiny("per_module")))
     assert per["q_proj"].selector.task_embedding is not per["o_proj"].selector.task_embedding
     assert per["o_proj"].selector.task_embedding.shape == (T, Q)
 
@@ -121,7 +111,7 @@ def test_shared_table_trains_on_stories260k(stories_batch):
     from mode.training.losses import AnswerLoss
 
     model = stories_with("more", task_embedding="shared")
-    layers = [layer for _, layer in adapter_layers(model)]
+    layers = [layer for _, layer in adapters.adapter_layers(model)]
     table = layers[0].selector.task_embedding
     assert len(layers) == 20 and all(layer.selector.task_embedding is table for layer in layers)
     start = table.detach().clone()
@@ -151,53 +141,53 @@ def test_shared_table_trains_on_stories260k(stories_batch):
 def test_save_load_round_trip_stores_the_table_once(tmp_path):
     model, x = tiny("shared", seed=1), torch.randn(3, 5, P)
     expected = run(model, x, [0, 2, 1])
-    save_adapters(model, tmp_path)
+    adapters.save_adapters(model, tmp_path)
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert sorted(k for k in tensors if "task_embedding" in k) == ["selector.task_embedding"]
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["task_embedding"] == "shared"
     fresh = tiny("shared", seed=2)
     assert not torch.allclose(run(fresh, x, [0, 2, 1]), expected)
-    load_adapters(fresh, tmp_path)
+    adapters.load_adapters(fresh, tmp_path)
     torch.testing.assert_close(run(fresh, x, [0, 2, 1]), expected, rtol=0, atol=0)
-    layers = [layer for _, layer in adapter_layers(fresh)]
+    layers = [layer for _, layer in adapters.adapter_layers(fresh)]
     assert layers[0].selector.task_embedding is layers[1].selector.task_embedding  # loading kept the sharing
     with pytest.raises(ModeError, match=r"adapter\.task_embedding='shared', but the model's adapters have "
                                         r"adapter\.task_embedding='per_module'"):
-        load_adapters(tiny("per_module"), tmp_path)
+        adapters.load_adapters(tiny("per_module"), tmp_path)
 
 
 def test_older_adapter_files_load_as_per_module(tmp_path):
     """Folders written before the option have no task_embedding key and per-layer tables."""
     model, x = tiny("per_module", seed=1), torch.randn(2, 5, P)
-    save_adapters(model, tmp_path)
+    adapters.save_adapters(model, tmp_path)
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     del meta["task_embedding"]
     (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
     assert {"q_proj.selector.task_embedding", "o_proj.selector.task_embedding"} <= set(
         load_file(str(tmp_path / "adapter_model.safetensors")))
-    fresh = load_adapters(tiny("per_module", seed=3), tmp_path)
+    fresh = adapters.load_adapters(tiny("per_module", seed=3), tmp_path)
     torch.testing.assert_close(run(fresh, x, [1, 2]), run(model, x, [1, 2]), rtol=0, atol=0)
 
 
 # -- merging and export, per task -------------------------------------------------------------------------
 def test_shared_merges_and_exports_per_task():
     model, x = tiny("shared"), torch.randn(2, 5, P)
-    ranks = {t for _, layer in adapter_layers(model) for t in layer.selector.ranks().tolist()}
+    ranks = {t for _, layer in adapters.adapter_layers(model) for t in layer.selector.ranks().tolist()}
     assert len(ranks) > 1  # the tasks use different ranks, so a wrong task would show
     for task in range(T):
         before = run(model, x, [task, task])
-        merge_adapters(model, task=task)
+        adapters.merge_adapters(model, task=task)
         merged = run(model, x, [task, task])
-        unmerge_adapters(model)
+        adapters.unmerge_adapters(model)
         torch.testing.assert_close(merged, before, rtol=1e-5, atol=1e-5)
         tensors, config = peft_lora(model, task=task)  # mode-export format=peft
-        for path, layer in adapter_layers(model):
+        for path, layer in adapters.adapter_layers(model):
             up, down = lora_factors(layer, task)
             k = int(layer.selector.ranks()[task])
             assert up.shape == (layer.out_features, k)
             torch.testing.assert_close(tensors[f"base_model.model.{path}.lora_B.weight"], up)
     with pytest.raises(ModeError, match="one task at a time"):
-        merge_adapters(model)
+        adapters.merge_adapters(model)
 
 
 # -- refusals -------------------------------------------------------------------------------------------
@@ -241,15 +231,15 @@ def test_per_module_is_unchanged_against_the_reference():
 
     model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
     torch.manual_seed(1234)
-    apply_adapters(model, {"method": "more", "rank": 4, "alpha": 8, "num_tasks": 5})  # the default: per_module
+    adapters.apply_adapters(model, {"method": "more", "rank": 4, "alpha": 8, "num_tasks": 5})  # the default: per_module
     digest = hashlib.sha256()
-    for key, tensor in sorted(adapter_state_dict(model).items()):
+    for key, tensor in sorted(adapters.adapter_state_dict(model).items()):
         digest.update(key.encode())
         digest.update(tensor.detach().contiguous().numpy().tobytes())
     assert digest.hexdigest()[:16] == REFERENCE["init_digest"]  # same names, shapes, init draws
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for key, tensor in adapter_state_dict(model).items():
+        for key, tensor in adapters.adapter_state_dict(model).items():
             if key.endswith("lora_B"):
                 tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.3)
     ids = torch.randint(3, 500, (3, 11), generator=g)
@@ -257,20 +247,20 @@ def test_per_module_is_unchanged_against_the_reference():
     mask[2, 8:] = 0
     task_ids = torch.tensor([0, 3, 4])
     model.train()
-    with adapter_context(model, task_ids=task_ids, attention_mask=mask) as runtime:
+    with adapters.adapter_context(model, task_ids=task_ids, attention_mask=mask) as runtime:
         out = model(input_ids=ids, attention_mask=mask).logits
         aux = runtime.aux_loss()
     with torch.no_grad():
-        for key, tensor in adapter_state_dict(model).items():
+        for key, tensor in adapters.adapter_state_dict(model).items():
             if key.endswith("lora_B"):
                 tensor.zero_()
-        with adapter_context(model, task_ids=task_ids, attention_mask=mask):
+        with adapters.adapter_context(model, task_ids=task_ids, attention_mask=mask):
             base = model(input_ids=ids, attention_mask=mask).logits
     delta = (out - base).detach().double()
     assert float(delta.sum()) == pytest.approx(REFERENCE["delta_sum"], rel=1e-6)
     assert float(delta.abs().sum()) == pytest.approx(REFERENCE["delta_abs"], rel=1e-6)
     assert float(aux.detach()) == pytest.approx(REFERENCE["aux"], rel=1e-6)
-    assert [layer.selector.ranks().tolist() for _, layer in adapter_layers(model)] == REFERENCE["ranks"]
+    assert [layer.selector.ranks().tolist() for _, layer in adapters.adapter_layers(model)] == REFERENCE["ranks"]
 
 
 # -- reports ------------------------------------------------------------------------------------------------

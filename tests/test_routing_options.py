@@ -20,21 +20,14 @@ from helpers import (
     cfg,
     check_merge_round_trip,
     check_one_task_merged,
+    check_save_load_round_trip,
     check_task_id_refusals,
     count_addmm,
     fit,
     stories_with,
 )
 
-from mode.adapters import (
-    adapter_context,
-    adapter_state_dict,
-    apply_adapters,
-    count_adapter_parameters,
-    load_adapters,
-    merge_adapters,
-    save_adapters,
-)
+from mode import adapters
 from mode.adapters.base import router_losses
 from mode.adapters.diagnostics import AdapterDiagnostics
 from mode.adapters.runtime import runtime_of
@@ -85,7 +78,7 @@ def literal_delta(layer, x, task_ids=None):
 
 def grads_and_output(model, x, ids=None, mask=None):
     x = x.clone().requires_grad_()
-    with adapter_context(model, task_ids=ids, attention_mask=mask) as runtime:
+    with adapters.adapter_context(model, task_ids=ids, attention_mask=mask) as runtime:
         y = model(x)
         aux = runtime.aux_loss()
     loss = ((y - 1.0) ** 2).sum() + (aux if aux is not None else 0.0)
@@ -181,7 +174,7 @@ def test_layer_aux_losses_are_the_formula_over_real_tokens_and_reach_the_objecti
     x = torch.randn(2, 4, P)
     ids = torch.tensor([1, 2])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    with adapter_context(model, task_ids=ids, attention_mask=mask) as runtime:
+    with adapters.adapter_context(model, task_ids=ids, attention_mask=mask) as runtime:
         model(x)
         aux = dict(runtime.aux)
         objective = runtime.aux_loss()
@@ -202,7 +195,7 @@ def test_layer_aux_losses_are_the_formula_over_real_tokens_and_reach_the_objecti
     assert runtime.aux_history["balance"][-1] == pytest.approx(torch.stack(aux["balance"]).mean().item())
     # evaluation (no gradient, eval mode) records none
     model.eval()
-    with torch.no_grad(), adapter_context(model, task_ids=ids, attention_mask=mask) as runtime:
+    with torch.no_grad(), adapters.adapter_context(model, task_ids=ids, attention_mask=mask) as runtime:
         model(x)
         assert runtime.aux == {}
 
@@ -213,7 +206,7 @@ def test_aux_losses_are_logged_separately():
     diagnostics.start()
     values = []
     for _ in range(2):
-        with adapter_context(model) as runtime:
+        with adapters.adapter_context(model) as runtime:
             model(torch.randn(2, 3, P))
             runtime.aux_loss()
             values.append({k: torch.stack(v).mean().item() for k, v in runtime.aux.items()})
@@ -228,7 +221,7 @@ def test_each_aux_loss_alone_trains_the_routers_toward_its_minimum(name, weight)
     """Routers start collapsed (large logits toward expert 0); optimising only the aux loss balances them
     (balance -> 1) or shrinks the logits (z-loss)."""
     torch.manual_seed(0)
-    model = apply_adapters(Tiny(), cfg("molora", **{weight: 1.0})).train()
+    model = adapters.apply_adapters(Tiny(), cfg("molora", **{weight: 1.0})).train()
     routers = [model.q_proj.router, model.o_proj.router]
     with torch.no_grad():
         for r in routers:
@@ -238,7 +231,7 @@ def test_each_aux_loss_alone_trains_the_routers_toward_its_minimum(name, weight)
     optimizer = torch.optim.Adam(routers, lr=0.05)
     history = []
     for _ in range(40):
-        with adapter_context(model) as runtime:
+        with adapters.adapter_context(model) as runtime:
             model(x)
             loss = runtime.aux_loss()
         history.append(runtime.aux_history[name][-1])
@@ -262,7 +255,7 @@ def test_task_routed_forward_equals_the_literal_formula_with_one_gate_per_sequen
     assert layer.task_routed and not layer.token_routed
     x = torch.randn(3, 4, P)
     ids = torch.tensor([2, 0, 2])
-    with adapter_context(model, task_ids=ids):
+    with adapters.adapter_context(model, task_ids=ids):
         fused = layer(x) - layer.base_layer(x)
         gates = layer.mixture_gates(x, x, layer.router, layer.router.numel() // (layer.experts * P))
         other = layer.mixture_gates(torch.randn(3, 4, P), None, layer.router,
@@ -284,17 +277,17 @@ def test_task_routed_mixture_merges_per_task_and_reproduces_outputs(method, kw, 
     x = torch.randn(2, 4, P)
     check_merge_round_trip(model, x)
     with pytest.raises(ModeError, match="router_input='task' holds one adapter per task"):
-        merge_adapters(model)
+        adapters.merge_adapters(model)
     with pytest.raises(ModeError, match=r"task=3 is not a task index of this adapter \(0..2\)"):
-        merge_adapters(model, task=3)
+        adapters.merge_adapters(model, task=3)
     assert not layer.merged
     check_one_task_merged(model, x)
 
 
 def test_task_routing_adds_one_embedding_per_task_and_layer():
     for method in ("molora", "molora_sd", "mode"):
-        token = count_adapter_parameters(adapted(method))
-        task = count_adapter_parameters(adapted(method, **TASK))
+        token = adapters.count_adapter_parameters(adapted(method))
+        task = adapters.count_adapter_parameters(adapted(method, **TASK))
         assert task - token == 3 * (P + Q)  # [num_tasks, P] per adapted layer (q_proj: P, o_proj: Q inputs)
 
 
@@ -305,7 +298,7 @@ def test_task_routed_usage_per_task_is_its_gates():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     diagnostics = AdapterDiagnostics(model)
     diagnostics.start(tasks=3)
-    with adapter_context(model, task_ids=ids, attention_mask=mask):
+    with adapters.adapter_context(model, task_ids=ids, attention_mask=mask):
         model(x)
     record = diagnostics.summary(tasks=["a", "b", "c"])["routed_layers"]["q_proj"]
     assert record["tokens"] == 9
@@ -321,29 +314,18 @@ def test_task_routed_usage_per_task_is_its_gates():
                                        ("mode", {"top_k": 1, "balance_loss_weight": 0.1, "z_loss_weight": 0.01})])
 def test_save_load_round_trip_with_routing_options(tmp_path, method, kw):
     model = adapted(method, **kw)
-    state = adapter_state_dict(model)
+    state = adapters.adapter_state_dict(model)
     if kw.get("router_input") == "task":
         assert state["q_proj.task_embedding"].shape == (3, P) and state["o_proj.task_embedding"].shape == (3, Q)
     else:
         assert not any("task_embedding" in k for k in state)
-    save_adapters(model, tmp_path)
-    fresh = Tiny()
-    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
-                           if "lora_" not in k and "router" not in k and "task_embedding" not in k})
-    fresh = apply_adapters(fresh, cfg(method, **kw))
-    load_adapters(fresh, tmp_path)
-    x = torch.randn(2, 3, P)
-    ids = torch.tensor([0, 2])
-    with adapter_context(model, task_ids=ids):
-        expected = model(x)
-    with adapter_context(fresh, task_ids=ids):
-        assert torch.equal(fresh(x), expected)
+    check_save_load_round_trip(model, cfg(method, **kw), tmp_path, torch.randn(2, 3, P), [0, 2])
 
 
 def test_loading_a_token_routed_adapter_into_a_task_routed_one_names_the_tensor(tmp_path):
-    save_adapters(adapted("mode"), tmp_path)
+    adapters.save_adapters(adapted("mode"), tmp_path)
     with pytest.raises(ModeError, match=r"missing tensor '[qo]_proj\.task_embedding'"):
-        load_adapters(adapted("mode", **TASK), tmp_path)
+        adapters.load_adapters(adapted("mode", **TASK), tmp_path)
 
 
 # -- bf16 ---------------------------------------------------------------------------------------------------------
@@ -352,10 +334,10 @@ def test_routing_options_keep_the_one_bf16_addmm(kw, monkeypatch):
     model = adapted("mode", block_rank=2, **kw)
     x = torch.randn(2, 5, P)
     ids = torch.tensor([0, 2])
-    with adapter_context(model, task_ids=ids):
+    with adapters.adapter_context(model, task_ids=ids):
         reference = model(x)
     calls = count_addmm(monkeypatch)
-    with torch.autocast("cpu", dtype=torch.bfloat16), adapter_context(model, task_ids=ids):
+    with torch.autocast("cpu", dtype=torch.bfloat16), adapters.adapter_context(model, task_ids=ids):
         out = model(x)
     assert calls == [(torch.bfloat16, torch.bfloat16)] * 2
     torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2 * reference.abs().max().item())
@@ -381,7 +363,7 @@ def test_routing_options_keep_the_one_bf16_addmm(kw, monkeypatch):
 ])
 def test_bad_routing_options_are_one_line_errors_naming_the_key(config, match):
     with pytest.raises(ModeError, match=match) as err:
-        apply_adapters(Tiny(), config)
+        adapters.apply_adapters(Tiny(), config)
     assert "\n" not in str(err.value)
 
 
@@ -396,7 +378,7 @@ def test_task_routing_needs_valid_task_ids():
 def test_token_routed_mixtures_with_routing_options_still_refuse_to_merge():
     model = adapted("mode", top_k=2)
     with pytest.raises(ModeError, match="cannot be merged"):
-        merge_adapters(model, task=0)
+        adapters.merge_adapters(model, task=0)
     assert not model.q_proj.merged
 
 
@@ -435,7 +417,7 @@ def test_gradient_checkpointing_records_the_aux_losses_once_and_changes_no_gradi
     grads, values = [], []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = apply_adapters(AutoModelForCausalLM.from_pretrained(STORIES),
+        model = adapters.apply_adapters(AutoModelForCausalLM.from_pretrained(STORIES),
                                {"method": "mode", "rank": 4, "alpha": 8, "experts": 4, "block_rank": 2, "top_k": 2,
                                 "balance_loss_weight": 0.1, "z_loss_weight": 0.01, "router_input": router_input},
                                num_tasks=3)
