@@ -58,6 +58,14 @@ def crash_at_step(monkeypatch, step: int):
     monkeypatch.setattr(MixtureSampler, "indices", indices)
 
 
+def crashed_run(monkeypatch, cfg, run, step: int):
+    """Train `cfg` into `run` until it crashes at `step` (its checkpoints stay), then undo the crash patch."""
+    crash_at_step(monkeypatch, step)
+    with pytest.raises(SimulatedCrash):
+        train(cfg, str(run))
+    monkeypatch.undo()
+
+
 def test_same_seed_and_config_give_identical_metrics(sni, reference, tmp_path):
     run = tmp_path / "again"
     train(tiny_cfg(sni), str(run))
@@ -105,10 +113,7 @@ def test_every_adapter_method_resumes_exactly(sni, tmp_path, monkeypatch, method
     """Routers, selectors and task embeddings are restored with the rest (in-process crash at step 3)."""
     overrides = [f"adapter={method}", "adapter.rank=4"] + (["adapter.experts=2"] if method != "more" else [])
     train(tiny_cfg(sni, *overrides), str(tmp_path / "reference"))
-    crash_at_step(monkeypatch, 3)
-    with pytest.raises(SimulatedCrash):
-        train(tiny_cfg(sni, *overrides), str(tmp_path / "run"))
-    monkeypatch.undo()
+    crashed_run(monkeypatch, tiny_cfg(sni, *overrides), tmp_path / "run", 3)
     train(tiny_cfg(sni, *overrides, "resume=true"), str(tmp_path / "run"))
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 
@@ -133,10 +138,7 @@ def test_crash_during_evaluation_resumes_without_retraining(sni, reference, tmp_
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(sni, reference, tmp_path, monkeypatch, caplog):
     run = tmp_path / "run"
-    crash_at_step(monkeypatch, 5)
-    with pytest.raises(SimulatedCrash):
-        train(tiny_cfg(sni), str(run))
-    monkeypatch.undo()
+    crashed_run(monkeypatch, tiny_cfg(sni), run, 5)
     damaged = run / "checkpoints" / "step-00000004" / "optimizer.bin"
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle of the file
@@ -148,10 +150,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(sni, reference, tmp_p
 
 def test_every_checkpoint_corrupt_is_a_clear_error(sni, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    crash_at_step(monkeypatch, 5)
-    with pytest.raises(SimulatedCrash):
-        train(tiny_cfg(sni), str(run))
-    monkeypatch.undo()
+    crashed_run(monkeypatch, tiny_cfg(sni), run, 5)
     for checkpoint in list_checkpoints(run / "checkpoints"):
         (checkpoint / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModeError, match=r"step-00000004/adapter_model\.safetensors: contents differ") as err:
@@ -246,10 +245,7 @@ def test_resume_with_other_settings_is_refused(sni, reference, tmp_path, monkeyp
 
 def test_resume_on_changed_data_is_refused(sni, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    crash_at_step(monkeypatch, 3)
-    with pytest.raises(SimulatedCrash):
-        train(tiny_cfg(sni), str(run))
-    monkeypatch.undo()
+    crashed_run(monkeypatch, tiny_cfg(sni), run, 3)
     moved = tmp_path / "sni_copy"
     write_sni_fixture(moved)
     task = moved / "tasks" / "task001_add_numbers.json"
