@@ -56,3 +56,21 @@ def test_the_paper_profiles_eval_cap_and_batch_follow_from_the_estimate():
     assert chosen["upstream_new_tokens"] == 49_829 * 128
     # Gemma 2B: 18 layers x 1 KV head x 256 x (K, V) x 2 bytes (bf16) x 64 sequences x 1,024 tokens
     assert chosen["kv_cache_bytes"] == 18 * 1 * 256 * 2 * 2 * 64 * 1024 == pytest.approx(1.1 * 2**30, rel=0.03)
+
+
+@needs_shared_sni
+@pytest.mark.parametrize("filters", [{"categories": ["question_answering"]}, {"categories": ["Question Answering"]},
+                                     {"exclude_categories": ["summarization", "POS Tagging"]}])
+def test_category_filters_count_the_tasks_the_pipeline_selects(filters):
+    """Category names in either spelling select the same tasks in the estimate as in the data pipeline
+    (planted: comparing raw names makes the key spelling count no task)."""
+    from omegaconf import OmegaConf
+
+    from mode.data.tasksets import resolve_task_sets
+
+    cfg = compose("train", ["experiment=cpu/table6", "adapter=paper/lora_60", f"paths.sni_dir={SHARED / 'sni'}"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.data.update(filters)
+    cost = eval_cost(cfg)
+    sets = resolve_task_sets(cfg.data)
+    assert 0 < cost["tasks"] == len(sets.eval) < 11

@@ -53,12 +53,13 @@ def held_in_eval_count(n: int, fraction: float) -> int:
 
 def per_task_counts(data_cfg, eval_cfg, manifest: dict, column: str) -> tuple[dict[str, int], list[str]]:
     """({task: instances to evaluate}, [tasks the config names that the manifest lacks]) for one column."""
-    from mode.data.sni import requested_tasks
+    from mode.data.sni import category_key, requested_tasks
 
     protocol = data_cfg.get("protocol", "held_in")
     names, _ = requested_tasks(data_cfg, "" if protocol == "held_in" else "eval_")
-    wanted = set(data_cfg.get("categories") or [])
-    unwanted = set(data_cfg.get("exclude_categories") or [])
+    # Category names compare as the data pipeline compares them ("Question Answering" == "question_answering").
+    wanted = {category_key(c) for c in data_cfg.get("categories") or []}
+    unwanted = {category_key(c) for c in data_cfg.get("exclude_categories") or []}
     cap = eval_cfg.get("max_instances_per_task")
     counts, missing = {}, []
     for name in dict.fromkeys(names):
@@ -66,7 +67,8 @@ def per_task_counts(data_cfg, eval_cfg, manifest: dict, column: str) -> tuple[di
         if row is None:
             missing.append(name)
             continue
-        if (wanted and not wanted & set(row["categories"])) or unwanted & set(row["categories"]):
+        categories = {category_key(c) for c in row["categories"]}
+        if (wanted and not wanted & categories) or unwanted & categories:
             continue
         n = row[column]
         if protocol == "held_in":
