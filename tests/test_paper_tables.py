@@ -110,6 +110,12 @@ def test_a_bad_declaration_is_one_line_naming_the_key(tmp_path):
             profile_experiments("p", seeds)
         with pytest.raises(ModeError, match=r"profile 'q' has no tables in tables.yaml \(profiles: p\)"):
             profile_experiments("q", seeds)
+        broken = write(tmp_path, "a:\n  runs: {p: [\n")
+        with pytest.raises(ModeError, match=r"tables.yaml: cannot read the table declarations"):
+            profile_experiments("p", broken)
+        listed = write(tmp_path, "- a\n- b\n")
+        with pytest.raises(ModeError, match=r"tables.yaml: expected a mapping of table name -> declaration"):
+            profile_experiments("p", listed)
     finally:
         declarations.cache_clear()
     with pytest.raises(ModeError, match=r"table6.runs.cpu.table6 has no key 'target_modules'"):

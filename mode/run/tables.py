@@ -18,7 +18,13 @@ PAPER_TABLES = Path(__file__).resolve().parents[2] / "experiments" / "paper_tabl
 @functools.cache
 def declarations(path: Path = PAPER_TABLES) -> dict:
     """Every table's declaration (title, rows, runs, ...), in file order."""
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    try:
+        tables = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ModeError(f"{path}: cannot read the table declarations ({err})") from err
+    if not isinstance(tables, dict) or not all(isinstance(spec, dict) for spec in tables.values()):
+        raise ModeError(f"{path}: expected a mapping of table name -> declaration")
+    return tables
 
 
 def table_presets(table: dict) -> list[str]:
