@@ -1,6 +1,6 @@
 """`make bench-data-scale`: the training data path (`data=sni_train`) at full SNI size, with 1 and 2 processes.
 
-    python scripts/make_synthetic_sni.py /tmp/sni-full --split train     # ~2.0M instances, ~600 MB (once)
+    python scripts/make_synthetic_sni.py /tmp/sni-full --split train     # ~2.0M instances, ~0.5 GB (once)
     python -m benchmarks.data_scale --sni-dir /tmp/sni-full             # first build + cached load, 1 and 2 processes
 
 For each process count, a fresh cache is filled ("first build") and then read again by new processes
