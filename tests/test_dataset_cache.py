@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from test_data import EVAL, data_cfg
 
 import mode.data.dataset as dataset_module
-from mode.data.dataset import build_data
+from mode.data.dataset import Rows, build_data
 from mode.errors import ModeError
 from mode.models import byte_tokenizer
 
@@ -92,6 +92,9 @@ def test_rows_read_like_a_list_of_dicts(sni_fixture):
     assert data.train.column("length") == [len(r["input_ids"]) for r in data.train]
     with pytest.raises(IndexError):
         data.train[len(data.train)]
+    picked = Rows(data.train.dataset.select([5, 0, 3]))  # an indices mapping, as after dropping rows
+    assert picked.column("task_index") == [r["task_index"] for r in picked] and picked.column("id") == [
+        data.train[i]["id"] for i in (5, 0, 3)]
 
 
 def test_overlong_training_instances_are_dropped_and_counted(sni_fixture):

@@ -58,8 +58,11 @@ class Rows(Sequence):
         return iter(self.dataset)
 
     def column(self, name: str) -> list:
-        """One column as a list, without decoding the others (e.g. `length`, `prompt_length`, `task_index`)."""
-        return list(self.dataset[name]) if len(self) else []
+        """One column as a list, without decoding the others (e.g. `length`, `prompt_length`, `task_index`):
+        read as one Arrow slice (an indices mapping honoured); row by row is two orders of magnitude slower."""
+        if not len(self):
+            return []
+        return self.dataset.select_columns([name]).with_format("arrow")[:].column(name).to_pylist()
 
 
 @dataclass
