@@ -270,8 +270,11 @@ def _encode(sets: TaskSets, chosen: dict, part: str, encoder: PromptEncoder, dat
                 s[key] = s.get(key, 0) + value
         row += len(batch["task"])
     if dropped:
-        kept = sorted(set(range(len(encoded))) - set(dropped))
-        encoded = encoded.select(kept)
+        import numpy as np
+
+        keep = np.ones(len(encoded), dtype=bool)
+        keep[dropped] = False
+        encoded = encoded.select(np.flatnonzero(keep))
     return encoded.remove_columns(list(counted)), stats
 
 
