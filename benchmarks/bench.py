@@ -276,13 +276,14 @@ def part_data(args) -> dict:
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    """What the numbers trace to: the code (commit, and whether the tracked files had uncommitted changes),
-    the CPU (model and the features that decide bf16 speed; whether torch sends bf16 matmuls to oneDNN) and
+    """What the numbers trace to: the code (commit, and whether the tracked files had uncommitted changes;
+    the reports in benchmarks/results/, which the benchmarks themselves rewrite, do not count), the CPU (model and the features that decide bf16 speed; whether torch sends bf16 matmuls to oneDNN) and
     the software."""
     from mode.run.provenance import cpu_info, git_commit
 
     return {**cpu_info(), "cores": os.cpu_count(), "torch": torch.__version__, "mkldnn_bf16": mkldnn_bf16(),
-            "python": platform.python_version(), "platform": platform.platform(), **git_commit(REPO)}
+            "python": platform.python_version(), "platform": platform.platform(),
+            **git_commit(REPO, ignore=("benchmarks/results",))}
 
 
 def mkldnn_bf16() -> bool | None:
@@ -374,12 +375,13 @@ def main(argv=None) -> None:
                  "vocab": c.vocab_size, "batch": args.batch, "seq": args.seq, "answer": args.answer,
                  "rounds": args.rounds, "gen_batch": args.gen_batch, "gen_prompt": args.gen_prompt,
                  "gen_tokens": args.gen_tokens}
+    code = machine()  # read once, before the first part rewrites bench.json
     for part in (p for p in PARTS if p in parts):  # in this order: memory runs after the in-process parts
         if part == "memory" and base is not None:
             base = None
             gc.collect()
         start = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "load_start": load_average(), "threads": args.threads, "machine": machine()}
+                 "load_start": load_average(), "threads": args.threads, "machine": code}
         if part in ("step", "layer", "generate", "profile"):
             result = globals()[f"part_{part}"](args, base, tokenizer)
         else:

@@ -54,3 +54,24 @@ def test_parts_from_different_commits_or_machines_are_named_apart():
     assert "Machine (padding): Test CPU 9000" in text and "Machine (data): Other" in text
     assert "Code (padding): commit aaaaaaaaaaaa (clean tree)." in text
     assert "Code (data): commit bbbbbbbbbbbb with uncommitted changes." in text
+
+
+def test_a_benchmarks_own_reports_do_not_make_the_code_dirty(tmp_path):
+    """bench.py writes bench.json after each part: that must not mark the next part's code as changed."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bench.json").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert git_commit(tmp_path, ignore=("results",))["dirty"] is False
+    (tmp_path / "results" / "bench.json").write_text('{"step": {}}\n')
+    assert git_commit(tmp_path, ignore=("results",))["dirty"] is False
+    assert git_commit(tmp_path)["dirty"] is True
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path, ignore=("results",))["dirty"] is True

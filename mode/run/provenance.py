@@ -19,8 +19,9 @@ PROVENANCE_FILE = "provenance.json"
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides bf16 speed on a CPU
 
 
-def git_commit(repo: Path = REPO_DIR) -> dict:
-    """{commit, dirty} of the checkout the code runs from (tracked files only), or {} outside git."""
+def git_commit(repo: Path = REPO_DIR, ignore: tuple[str, ...] = ()) -> dict:
+    """{commit, dirty} of the checkout the code runs from (tracked files only), or {} outside git. `ignore`:
+    folders whose changes do not make the code dirty (a benchmark's own reports, rewritten as it runs)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20)
 
@@ -28,7 +29,8 @@ def git_commit(repo: Path = REPO_DIR) -> dict:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return {}
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+        excluded = [f":(exclude){path}" for path in ignore]
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded).stdout.strip())
         return {"commit": head.stdout.strip(), "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {}
