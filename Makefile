@@ -19,8 +19,8 @@ help:
 	@echo "make reproduce-table PROFILE=smoke|cpu_check|cpu|paper [DRY_RUN=1] [LAUNCHER=basic|joblib|slurm]"
 	@echo "                the profile's table sweeps (finished runs reused), then results/<PROFILE>/"
 	@echo "make aggregate PROFILE=...   only rebuild results/<PROFILE>/ from finished runs (or the records in results/<PROFILE>/runs/)"
-	@echo "make bench     speed + memory of every method vs PEFT LoRA and the per-expert loop (~15 min) -> benchmarks/results/"
-	@echo "make bench-quick  the same at toy size, + top-k and bf16 rows   make bench-data  tokenisation cache timings (~10-15 min)"
+	@echo "make bench     speed + memory of every method vs PEFT LoRA and the per-expert loop (~20 min with ARGS=--no-bf16) -> benchmarks/results/"
+	@echo "make bench-quick  the same at toy size, + top-k and bf16 rows   make bench-data  tokenisation cache timings (~7 min)"
 	@echo "make bench-data-scale [SNI_FULL=/tmp/sni-full]  data=sni_train at upstream size (~2.0M instances), 1 and 2"
 	@echo "                processes: first build + cached load, time and peak memory (long: both cores, see docs/data.md)"
 

@@ -1,9 +1,10 @@
 """`make bench`: speed and memory of every adapter method against the frozen base, PEFT's LoRA and the
 per-expert Python loop, as RATIOS measured in one interleaved run (shared machines are noisy).
 
-    python -m benchmarks.bench                 # step, layer, generate, profile, memory, padding (~15 min;
-                                               # the bf16 rows add more on a CPU without native bf16)
-    python -m benchmarks.bench --parts data    # tokenising every bundled train task, twice (~10-15 min)
+    python -m benchmarks.bench                 # step, layer, generate, profile, memory, padding (~20 min on
+                                               # a 2-core VM without the bf16 rows, --no-bf16; on a CPU
+                                               # without native bf16 they take ~30x fp32 and dominate)
+    python -m benchmarks.bench --parts data    # tokenising every bundled train task, twice (~7 min)
     python -m benchmarks.bench --quick         # the same code paths at toy size, for CI-like checks (minutes:
                                                # the bf16 rows dominate on a CPU without native bf16)
 
@@ -304,13 +305,11 @@ def load_average():
 
 
 def selected(args):
-    if not args.only:
-        return SETUPS
-    names = args.only.split(",")
+    names = args.only.split(",") if args.only else [s.name for s in SETUPS]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         raise SystemExit(f"error: --only {unknown[0]!r} is not one of {list(BY_NAME)}")
-    return [BY_NAME[n] for n in names]
+    return [BY_NAME[n] for n in names if not (args.no_bf16 and BY_NAME[n].precision == "bf16")]
 
 
 def parse(argv=None):
@@ -334,6 +333,9 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine, busy cores stall multi-thread barriers)")
     p.add_argument("--only", default=None, help="comma list of setup names (default: all)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="leave out the bf16 autocast setups (on a CPU without native bf16 a bf16 step takes ~30x "
+                        "an fp32 one, and these rows then dominate the run)")
     p.add_argument("--out", default=None, help="report folder (default benchmarks/results, quick: .../quick)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -118,3 +118,16 @@ def test_toy_report_has_the_top_k_and_bf16_rows(tmp_path):
     for row in (r"\| frozen base \(floor\) bf16 \| frozen base \(floor\) \|", r"\| MoDE 16x4x1 bf16 \| MoDE 16x4x1 \|"):
         assert re.search(row + r" \d+\.\d{3} \|", bf16), row
     assert "This CPU (" in bf16
+
+
+def test_no_bf16_leaves_out_exactly_the_bf16_setups():
+    """`--no-bf16` (for CPUs without native bf16, where these rows take ~30x fp32) drops the bf16 rows and
+    nothing else, with or without --only."""
+    from benchmarks.bench import parse, selected
+    from benchmarks.setups import SETUPS
+
+    every = [s.name for s in selected(parse([]))]
+    kept = [s.name for s in selected(parse(["--no-bf16"]))]
+    assert every == [s.name for s in SETUPS] and any(s.precision == "bf16" for s in SETUPS)
+    assert kept == [s.name for s in SETUPS if s.precision != "bf16"]
+    assert [s.name for s in selected(parse(["--no-bf16", "--only", "lora64,lora64_bf16"]))] == ["lora64"]
