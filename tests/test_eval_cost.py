@@ -11,18 +11,22 @@ from conftest import REPO, SHARED, needs_shared_sni
 from test_reproduce import run
 
 from mode.data.sni import Task
-from mode.data.splits import held_in_split
-from mode.report.cost import eval_cost, held_in_eval_count, read_manifest
+from mode.data.splits import held_in_eval_count, held_in_split
+from mode.report.cost import eval_cost, read_manifest
 from mode.run.config import compose
 
 DRIVER = [sys.executable, str(REPO / "experiments" / "reproduce.py")]
 
 
-@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
-def test_held_in_count_is_the_splits_own(fraction):
-    for n in range(0, 260):
-        task = Task(name="t", definition="", instances=[{"id": str(i)} for i in range(n)])
-        assert held_in_eval_count(n, fraction) == len(held_in_split(task, fraction, seed=0)[1]), n
+@pytest.mark.parametrize("n,fraction,expected", [
+    (0, 0.1, 0), (1, 0.1, 0), (2, 0.1, 1), (5, 0.1, 1), (15, 0.1, 2), (25, 0.1, 2), (35, 0.1, 4), (100, 0.1, 10),
+    (2, 0.5, 1), (3, 0.5, 2), (4, 0.9, 3)])
+def test_held_in_count_by_hand(n, fraction, expected):
+    """The count the cost estimate and the split share, against hand-computed values: round half to even
+    (25 * 0.1 -> 2), at least one, never every instance."""
+    task = Task(name="t", definition="", instances=[{"id": str(i)} for i in range(n)])
+    assert held_in_eval_count(n, fraction) == expected
+    assert len(held_in_split(task, fraction, seed=0)[1]) == expected
 
 
 @needs_shared_sni

@@ -17,6 +17,11 @@ def stable_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def held_in_eval_count(n: int, fraction: float) -> int:
+    """How many of a task's n instances held_in evaluates: round(n·f), at least one, and never all of them."""
+    return min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
+
+
 def held_in_split(task: Task, eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, eval) instances of one task: a seeded shuffle, then the first round(n·f) go to eval.
 
@@ -25,8 +30,7 @@ def held_in_split(task: Task, eval_fraction: float, seed: int) -> tuple[list[dic
     """
     order = list(range(len(task.instances)))
     random.Random(stable_seed("held_in", seed, task.name)).shuffle(order)
-    n = len(order)
-    n_eval = min(n - 1, max(1, round(n * eval_fraction))) if n > 1 else 0
+    n_eval = held_in_eval_count(len(order), eval_fraction)
     eval_part = [task.instances[i] for i in order[:n_eval]]
     train_part = [task.instances[i] for i in order[n_eval:]]
     return train_part, eval_part

@@ -23,6 +23,7 @@ import functools
 import math
 from pathlib import Path
 
+from mode.data.splits import held_in_eval_count
 from mode.errors import ModeError
 
 MANIFEST = "manifest.tsv"
@@ -44,11 +45,6 @@ def read_manifest(sni_dir) -> dict[str, dict] | None:
                     for row in csv.DictReader(handle, delimiter="\t")}
     except (KeyError, ValueError, TypeError) as err:
         raise ModeError(f"{path}: not a task manifest (task, instances_upstream, instances_kept columns): {err}") from err
-
-
-def held_in_eval_count(n: int, fraction: float) -> int:
-    """Evaluation instances of a task with n instances under held_in (mode/data/splits.py held_in_split)."""
-    return min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
 
 
 def per_task_counts(data_cfg, eval_cfg, manifest: dict, column: str) -> tuple[dict[str, int], list[str]]:
