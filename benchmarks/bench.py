@@ -368,6 +368,7 @@ def main(argv=None) -> None:
     path = out / "bench.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     command = exact_command(list(sys.argv[1:] if argv is None else argv))
+    code = machine()  # read once, first thing: later edits and the parts' own bench.json writes are not the code run
     base = tokenizer = None
     if {"step", "layer", "generate", "profile", "memory"} & set(parts):
         base, tokenizer = load_base(args.model, args.layers)
@@ -377,7 +378,6 @@ def main(argv=None) -> None:
                  "vocab": c.vocab_size, "batch": args.batch, "seq": args.seq, "answer": args.answer,
                  "rounds": args.rounds, "gen_batch": args.gen_batch, "gen_prompt": args.gen_prompt,
                  "gen_tokens": args.gen_tokens}
-    code = machine()  # read once, before the first part rewrites bench.json
     for part in (p for p in PARTS if p in parts):  # in this order: memory runs after the in-process parts
         if part == "memory" and base is not None:
             base = None

@@ -122,7 +122,10 @@ def code_version(m: dict) -> str:
     """`commit abc123 (clean tree)`, `... with uncommitted changes`, or that it was not recorded (older runs)."""
     if not m.get("commit"):
         return "commit not recorded"
-    return f"commit {m['commit'][:12]}" + (" with uncommitted changes" if m.get("dirty") else " (clean tree)")
+    if not m.get("dirty"):
+        return f"commit {m['commit'][:12]} (clean tree)"
+    changed = m.get("changed")
+    return f"commit {m['commit'][:12]} with uncommitted changes" + (f" to {', '.join(changed)}" if changed else "")
 
 
 def machine_text(m: dict) -> str:

@@ -43,6 +43,9 @@ def test_report_names_commit_tree_state_cpu_torch_and_command():
     assert "Measured by `python -m benchmarks.bench --parts padding` at commit 0123456789ab (clean tree)" in text
     dirty = render({"padding": padding_part("f" * 40, dirty=True)})
     assert "commit ffffffffffff with uncommitted changes" in dirty
+    part = padding_part("f" * 40, dirty=True)
+    part["run"]["machine"]["changed"] = ["README.md", "mode/train.py"]
+    assert "commit ffffffffffff with uncommitted changes to README.md, mode/train.py" in render({"padding": part})
     old = render({"padding": padding_part(None, dirty=False)})  # bench.json written before commits were recorded
     assert "Code: commit not recorded." in old
 
@@ -74,4 +77,5 @@ def test_a_benchmarks_own_reports_do_not_make_the_code_dirty(tmp_path):
     assert git_commit(tmp_path, ignore=("results",))["dirty"] is False
     assert git_commit(tmp_path)["dirty"] is True
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert git_commit(tmp_path, ignore=("results",))["dirty"] is True
+    assert git_commit(tmp_path, ignore=("results",)) == {"commit": git_commit(tmp_path)["commit"], "dirty": True,
+                                                          "changed": ["code.py"]}

@@ -20,8 +20,9 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # wha
 
 
 def git_commit(repo: Path = REPO_DIR, ignore: tuple[str, ...] = ()) -> dict:
-    """{commit, dirty} of the checkout the code runs from (tracked files only), or {} outside git. `ignore`:
-    folders whose changes do not make the code dirty (a benchmark's own reports, rewritten as it runs)."""
+    """{commit, dirty} of the checkout the code runs from (tracked files only), and when dirty `changed`, the
+    changed paths (at most 20), so a reader can tell an edited README from edited code; {} outside git.
+    `ignore`: folders whose changes do not make the code dirty (a benchmark's own reports, rewritten as it runs)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20)
 
@@ -30,8 +31,9 @@ def git_commit(repo: Path = REPO_DIR, ignore: tuple[str, ...] = ()) -> dict:
         if head.returncode != 0:
             return {}
         excluded = [f":(exclude){path}" for path in ignore]
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded).stdout.strip())
-        return {"commit": head.stdout.strip(), "dirty": dirty}
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded).stdout
+        changed = sorted(line[3:] for line in status.splitlines() if line.strip())
+        return {"commit": head.stdout.strip(), "dirty": bool(changed), **({"changed": changed[:20]} if changed else {})}
     except (OSError, subprocess.SubprocessError):
         return {}
 
