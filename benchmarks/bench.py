@@ -3,7 +3,7 @@ per-expert Python loop, as RATIOS measured in one interleaved run (shared machin
 
     python -m benchmarks.bench                 # step, layer, generate, profile, memory, padding (~20 min on
                                                # a 2-core VM without the bf16 rows, --no-bf16; on a CPU
-                                               # without native bf16 they take ~30x fp32 and dominate)
+                                               # without native bf16 they take ~20x fp32 and dominate)
     python -m benchmarks.bench --parts data    # tokenising every bundled train task, twice (~7 min)
     python -m benchmarks.bench --quick         # the same code paths at toy size, for CI-like checks (minutes:
                                                # the bf16 rows dominate on a CPU without native bf16)
@@ -334,7 +334,7 @@ def parse(argv=None):
                    help="torch threads (default 1: on a shared machine, busy cores stall multi-thread barriers)")
     p.add_argument("--only", default=None, help="comma list of setup names (default: all)")
     p.add_argument("--no-bf16", action="store_true",
-                   help="leave out the bf16 autocast setups (on a CPU without native bf16 a bf16 step takes ~30x "
+                   help="leave out the bf16 autocast setups (on a CPU without native bf16 a bf16 step takes ~20x "
                         "an fp32 one, and these rows then dominate the run)")
     p.add_argument("--out", default=None, help="report folder (default benchmarks/results, quick: .../quick)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

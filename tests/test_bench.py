@@ -121,7 +121,7 @@ def test_toy_report_has_the_top_k_and_bf16_rows(tmp_path):
 
 
 def test_no_bf16_leaves_out_exactly_the_bf16_setups():
-    """`--no-bf16` (for CPUs without native bf16, where these rows take ~30x fp32) drops the bf16 rows and
+    """`--no-bf16` (for CPUs without native bf16, where these rows take ~20x fp32) drops the bf16 rows and
     nothing else, with or without --only."""
     from benchmarks.bench import parse, selected
     from benchmarks.setups import SETUPS
