@@ -107,6 +107,11 @@ def test_overlong_training_instances_are_dropped_and_counted(sni_fixture):
     kept = {r["id"] for r in data.train}
     assert kept and all(int(i.rsplit("-", 1)[1]) < 10 for i in kept)
     assert s["train"] == len(kept) and s["train_dropped_overlong"] == 36 - len(kept)
+    assert s["train_answers_truncated"] == 0
+    # every answer cut ("answer N" is longer than 2 byte tokens): only the kept rows count as cut
+    cfg.encoding.max_target_length = 2
+    s = build_data(cfg, EVAL, byte_tokenizer()).stats["task001_add_numbers"]
+    assert s["train_dropped_overlong"] == 36 - len(kept) > 0 and s["train_answers_truncated"] == len(kept)
     long_eval = [r for r in data.eval if int(r["id"].rsplit("-", 1)[1]) >= 10]
     assert s["eval_prompts_truncated"] == len(long_eval) > 0  # evaluation keeps them, cut to the budget
     assert all(len(r["prompt_ids"]) == 70 for r in long_eval)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mode.data.cache import Key, entry_path, load_entry, load_or_build, rows_digest, tokenizer_fingerprint
 from mode.data.encoding import EncodingConfig, PromptEncoder
 from mode.data.sni import Task
@@ -255,25 +257,26 @@ def _encode(sets: TaskSets, chosen: dict, part: str, encoder: PromptEncoder, dat
                       fn_kwargs={"encoder": encoder, "tasks": sets.tasks, "part": part},
                       desc=f"tokenising {part} ({len(raw)} instances, {len(names)} tasks)")
     stats: dict[str, dict] = {}
-    dropped: list[int] = []
+    keep = np.ones(len(encoded), dtype=bool)
     row = 0
-    for batch in encoded.select_columns(["task", *counted]).iter(batch_size=STATS_BATCH):  # bounded memory
-        for i, name in enumerate(batch["task"]):
-            s = stats.setdefault(name, {"train": 0} if part == "train" else {"eval": 0})
-            values = {key: int(batch[column][i]) for column, key in counted.items()}
-            if part == "train" and values["train_dropped_overlong"]:
-                dropped.append(row + i)
-                values["train_answers_truncated"] = 0  # counted as dropped, not as cut
-            else:
-                s[part] += 1
-            for key, value in values.items():
-                s[key] = s.get(key, 0) + value
-        row += len(batch["task"])
-    if dropped:
-        import numpy as np
-
-        keep = np.ones(len(encoded), dtype=bool)
-        keep[dropped] = False
+    columns = encoded.select_columns(["task", *counted]).with_format("numpy")
+    for batch in columns.iter(batch_size=STATS_BATCH):  # bounded memory; per-task sums with bincount
+        present, which = np.unique(batch["task"], return_inverse=True)
+        values = {key: np.asarray(batch[column], dtype=np.int64) for column, key in counted.items()}
+        kept = np.ones(len(which), dtype=bool)
+        if part == "train":
+            kept = values["train_dropped_overlong"] == 0
+            values["train_answers_truncated"] = values["train_answers_truncated"] * kept  # dropped, not cut
+            keep[row:row + len(kept)] = kept
+        sums = {key: np.bincount(which, weights=v, minlength=len(present)) for key, v in values.items()}
+        kept_per_task = np.bincount(which, weights=kept, minlength=len(present))
+        for j, name in enumerate(present.tolist()):
+            task = stats.setdefault(name, {part: 0})
+            task[part] += int(kept_per_task[j])
+            for key, total in sums.items():
+                task[key] = task.get(key, 0) + int(total[j])
+        row += len(which)
+    if not keep.all():
         encoded = encoded.select(np.flatnonzero(keep))
     return encoded.remove_columns(list(counted)), stats
 
