@@ -278,8 +278,9 @@ def part_data(args) -> dict:
 # -- command line ---------------------------------------------------------------------------------------------------
 def machine() -> dict:
     """What the numbers trace to: the code (commit, and whether the tracked files had uncommitted changes;
-    the reports in benchmarks/results/, which the benchmarks themselves rewrite, do not count), the CPU (model and the features that decide bf16 speed; whether torch sends bf16 matmuls to oneDNN) and
-    the software."""
+    the reports in benchmarks/results/, which the benchmarks themselves rewrite, do not count), the CPU
+    (model and the features that decide bf16 speed; whether torch sends bf16 matmuls to oneDNN) and the
+    software."""
     from mode.run.provenance import cpu_info, git_commit
 
     return {**cpu_info(), "cores": os.cpu_count(), "torch": torch.__version__, "mkldnn_bf16": mkldnn_bf16(),
